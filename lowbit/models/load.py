@@ -1,0 +1,144 @@
+"""Stream a safetensors HF checkpoint into a model whose Linear layers are `Linear4bit`.
+
+The model skeleton is built with empty (meta) parameters; each tensor is then read from
+disk, quantized if it belongs to a targeted Linear, and placed — so peak memory is about
+the 4-bit model plus one dense tensor, never the dense model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnsupportedModelError
+from ..modules.linear4bit import Linear4bit
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def as_dtype(d) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    if d not in _DTYPES:
+        raise ValueError(f"unknown dtype {d!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[d]
+
+
+def _read_config(path: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+    if not path.exists():
+        raise InputError(f"model path {path} does not exist; run scripts/prepare_model.py or fix model.path")
+    if not (path / "config.json").exists():
+        raise InputError(f"{path} has no config.json; model.path must be a Hugging Face model folder")
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"architecture {cfg.model_type!r} is not supported; supported: "
+                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return cfg
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise InputError(f"{path} holds only pickle weights (.bin/.pt); lowbit loads safetensors only — "
+                         "convert with `model.save_pretrained(dir, safe_serialization=True)`")
+    raise InputError(f"no model.safetensors (or index) in {path}")
+
+
+def _targets(model: nn.Module, skip_modules) -> set[str]:
+    return {n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(n == s or n.endswith("." + s) for s in skip_modules)}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def load_model(path, *, load_in_4bit: bool = True, quant_type: str = "nf4", blocksize: int = 64,
+               double_quant: bool = True, storage_dtype="uint8", compute_dtype="bfloat16",
+               skip_modules=("lm_head",), keep_embeddings_in_compute_dtype: bool = True, trust_remote_code: bool = False,
+               progress: bool = True):
+    """Load an HF causal LM (Llama, Mistral, Qwen2/3, Gemma3) with its Linear layers in NF4/FP4.
+
+    Non-quantized tensors (embeddings, norms, lm_head) are stored in `compute_dtype`
+    (or kept as saved when keep_embeddings_in_compute_dtype=False). Returns (model, tokenizer).
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..format.blockwise import check_blocksize, check_quant_type
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    path = Path(path)
+    cfg = _read_config(path, trust_remote_code)
+    compute_dtype, storage_dtype = as_dtype(compute_dtype), as_dtype(storage_dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    targets = _targets(model, skip_modules) if load_in_4bit else set()
+    expected = dict(model.state_dict(keep_vars=True))
+    seen: set[str] = set()
+    files = _weight_files(path)
+    total = sum(len(safe_open(str(f), "pt").keys()) for f in files)
+    bar = tqdm(total=total, desc="quantizing to 4-bit" if load_in_4bit else "loading", unit="tensor",
+               disable=not progress)
+    for f in files:
+        with safe_open(str(f), "pt", device="cpu") as sf:
+            for key in sf.keys():
+                bar.update(1)
+                if key not in expected:
+                    continue  # e.g. rotary buffers saved by older versions
+                mod_name, _, leaf = key.rpartition(".")
+                t = sf.get_tensor(key)
+                if mod_name in targets and leaf == "weight":
+                    old = model.get_submodule(mod_name)
+                    dense = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+                    dense.weight = nn.Parameter(t, requires_grad=False)
+                    new = Linear4bit.from_linear(dense, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
+                    if old.bias is not None:  # may already be loaded (bias sorts before weight)
+                        new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
+                    _set_module(model, mod_name, new)
+                else:
+                    dtype = compute_dtype if (keep_embeddings_in_compute_dtype or t.dtype == torch.float32) else t.dtype
+                    set_module_tensor_to_device(model, key, "cpu", value=t.to(dtype))
+                seen.add(key)
+    bar.close()
+    if getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+        seen.update(k for k in expected if k.startswith("lm_head."))
+    missing = [k for k, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise InputError(f"checkpoint {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
+                         "is it a complete checkpoint for this config?")
+    model.eval()
+    model.config.lowbit_quantization = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                                            storage_dtype=str(storage_dtype).removeprefix("torch."),
+                                            compute_dtype=str(compute_dtype).removeprefix("torch."),
+                                            skip_modules=list(skip_modules)) if load_in_4bit else None
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def quantize_model(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                   storage_dtype="uint8", compute_dtype="bfloat16", skip_modules=("lm_head",)) -> nn.Module:
+    """Replace the Linear layers of an in-memory model with `Linear4bit` (in place)."""
+    compute_dtype, storage_dtype = as_dtype(compute_dtype), as_dtype(storage_dtype)
+    for name in sorted(_targets(model, skip_modules)):
+        lin = model.get_submodule(name)
+        if isinstance(lin, Linear4bit):
+            continue
+        _set_module(model, name, Linear4bit.from_linear(lin, blocksize, double_quant, quant_type, storage_dtype,
+                                                        compute_dtype))
+    return model
