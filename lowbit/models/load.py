@@ -6,6 +6,7 @@ the 4-bit model plus one dense tensor, never the dense model.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
 from ..modules.linear4bit import Linear4bit
+from .safetensors_stream import iter_tensors, tensor_names
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
@@ -59,25 +61,68 @@ def _targets(model: nn.Module, skip_modules) -> set[str]:
             if isinstance(m, nn.Linear) and not any(n == s or n.endswith("." + s) for s in skip_modules)}
 
 
+def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    # assign in place of the meta tensor without the copy accelerate's helper makes
+    mod_name, _, leaf = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._parameters:
+        old = mod._parameters[leaf]
+        if tuple(old.shape) != tuple(t.shape):
+            raise InputError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}")
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        mod._buffers[leaf] = t
+
+
+def _quantize_into(model, mod_name, w, blocksize, double_quant, quant_type, storage_dtype, compute_dtype) -> None:
+    old = model.get_submodule(mod_name)
+    if tuple(w.shape) != (old.out_features, old.in_features):
+        raise InputError(f"checkpoint tensor {mod_name}.weight has shape {tuple(w.shape)}, "
+                         f"the model expects {(old.out_features, old.in_features)}")
+    dense = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+    dense.weight = nn.Parameter(w, requires_grad=False)
+    new = Linear4bit.from_linear(dense, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
+    if old.bias is not None:  # may already be loaded: "bias" sorts before "weight"
+        new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
+    _set_module(model, mod_name, new)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def load_model(path, *, load_in_4bit: bool = True, quant_type: str = "nf4", blocksize: int = 64,
+def _release_freed_memory() -> None:
+    # glibc keeps freed quantization temporaries in its arenas; hand them back so RSS
+    # tracks the model actually built (no-op off glibc)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_model(path, *, trust_remote_code: bool = False, **kw):
+    """Load an HF causal LM with its Linear layers in NF4/FP4 → (model, tokenizer).
+
+    Keyword arguments are those of `load_4bit_weights`.
+    """
+    from transformers import AutoTokenizer
+    model = load_4bit_weights(path, trust_remote_code=trust_remote_code, **kw)
+    return model, AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
+
+
+def load_4bit_weights(path, *, load_in_4bit: bool = True, quant_type: str = "nf4", blocksize: int = 64,
                double_quant: bool = True, storage_dtype="uint8", compute_dtype="bfloat16",
                skip_modules=("lm_head",), keep_embeddings_in_compute_dtype: bool = True, trust_remote_code: bool = False,
                progress: bool = True):
-    """Load an HF causal LM (Llama, Mistral, Qwen2/3, Gemma3) with its Linear layers in NF4/FP4.
+    """Build the model (Llama, Mistral, Qwen2/3, Gemma3) with its Linear layers in NF4/FP4.
 
     Non-quantized tensors (embeddings, norms, lm_head) are stored in `compute_dtype`
-    (or kept as saved when keep_embeddings_in_compute_dtype=False). Returns (model, tokenizer).
+    (or kept as saved when keep_embeddings_in_compute_dtype=False).
     """
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..format.blockwise import check_blocksize, check_quant_type
     check_blocksize(blocksize)
@@ -91,29 +136,22 @@ def load_model(path, *, load_in_4bit: bool = True, quant_type: str = "nf4", bloc
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     files = _weight_files(path)
-    total = sum(len(safe_open(str(f), "pt").keys()) for f in files)
+    total = sum(len(tensor_names(f)) for f in files)
     bar = tqdm(total=total, desc="quantizing to 4-bit" if load_in_4bit else "loading", unit="tensor",
                disable=not progress)
     for f in files:
-        with safe_open(str(f), "pt", device="cpu") as sf:
-            for key in sf.keys():
-                bar.update(1)
-                if key not in expected:
-                    continue  # e.g. rotary buffers saved by older versions
-                mod_name, _, leaf = key.rpartition(".")
-                t = sf.get_tensor(key)
-                if mod_name in targets and leaf == "weight":
-                    old = model.get_submodule(mod_name)
-                    dense = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
-                    dense.weight = nn.Parameter(t, requires_grad=False)
-                    new = Linear4bit.from_linear(dense, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
-                    if old.bias is not None:  # may already be loaded (bias sorts before weight)
-                        new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
-                    _set_module(model, mod_name, new)
-                else:
-                    dtype = compute_dtype if (keep_embeddings_in_compute_dtype or t.dtype == torch.float32) else t.dtype
-                    set_module_tensor_to_device(model, key, "cpu", value=t.to(dtype))
-                seen.add(key)
+        for key, t in iter_tensors(f):
+            bar.update(1)
+            if key not in expected:
+                continue  # e.g. rotary buffers saved by older versions
+            mod_name, _, leaf = key.rpartition(".")
+            if mod_name in targets and leaf == "weight":
+                _quantize_into(model, mod_name, t, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
+                del t
+                _release_freed_memory()
+            else:
+                _set_tensor(model, key, t.to(compute_dtype) if keep_embeddings_in_compute_dtype else t)
+            seen.add(key)
     bar.close()
     if getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
@@ -127,8 +165,7 @@ def load_model(path, *, load_in_4bit: bool = True, quant_type: str = "nf4", bloc
                                             storage_dtype=str(storage_dtype).removeprefix("torch."),
                                             compute_dtype=str(compute_dtype).removeprefix("torch."),
                                             skip_modules=list(skip_modules)) if load_in_4bit else None
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model, tok
+    return model
 
 
 def quantize_model(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
