@@ -105,3 +105,43 @@ def test_peft_merge_requantizes_through_our_layer(tiny_model_dirs):
     # requantized: equal to quantize(expect) exactly, and close to expect
     from lowbit.format import quantize
     assert torch.equal(got.dequantize(torch.float32), dequantize_reference(quantize(expect), torch.float32))
+
+
+def test_same_check_catches_the_bitsandbytes_repack_bug():
+    """The check above is sensitive: on bitsandbytes' repacking CPU path it sees the damage."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks only on AVX512-BF16 CPUs")
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = bnb.nn.Linear4bit(64, 128, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            self.up.weight = bnb.nn.Params4bit(torch.randn(128, 64) * 0.05, requires_grad=False, quant_type="nf4")
+            self.up.weight = self.up.weight.to("cpu")  # quantizes
+            self.down = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            self.down.weight = bnb.nn.Params4bit(torch.randn(64, 128) * 0.05, requires_grad=False, quant_type="nf4")
+            self.down.weight = self.down.weight.to("cpu")
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.gelu(self.up(x)))
+    model = get_peft_model(Wrap(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"],
+                                              init_lora_weights=False))
+    x = torch.randn(8, 64)
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(x).float().pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    after = grads()
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed, ("bitsandbytes no longer changes LoRA gradients after a no_grad forward: the known "
+                     "0.50 repack bug is fixed in this build; update README's note and this test")
