@@ -1,0 +1,251 @@
+"""Typed run configuration: YAML file + `key=value` overrides → dataclasses.
+
+Unknown keys fail naming the closest valid key; wrong types fail naming key, expected
+type and value. Sections: model (with quant), lora, data, train, eval.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import ConfigError, InputError
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    storage_dtype: str = "uint8"
+    compute_dtype: str = "bfloat16"
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    keep_embeddings_in_compute_dtype: bool = True
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.0
+    format: str = "text"               # text | prompt_completion | chat
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    max_seq_len: int = 256
+    packing: bool = True
+    max_train_blocks: int | None = None
+    max_eval_blocks: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    overwrite_output: bool = False
+    seed: int = 42
+    max_steps: int = -1
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw_torch"     # adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume_from: str = "none"          # none | auto | <checkpoint dir>
+    loss_chunk_tokens: int = 256
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+
+
+@dataclass
+class EvalConfig:
+    before: bool = True
+    after: bool = True
+    batch_size: int = 4
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.quant.quant_type": ("nf4", "fp4"),
+    "model.quant.storage_dtype": ("uint8", "bfloat16", "float16", "float32"),
+    "model.quant.compute_dtype": ("bfloat16", "float16", "float32"),
+    "data.format": ("text", "prompt_completion", "chat"),
+    "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
+    "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
+}
+
+
+# names users bring from transformers/peft/TRL configs → ours (difflib cannot guess these)
+ALIASES = {"learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "num_train_epochs": "epochs", "max_length": "max_seq_len", "seq_len": "max_seq_len", "optim": "optimizer",
+           "lr_scheduler_type": "scheduler", "bnb_4bit_quant_type": "quant_type", "model_name_or_path": "path"}
+
+
+def _suggest(key: str, names: list[str]) -> str | None:
+    aliases = {a: n for a, n in ALIASES.items() if n in names}
+    close = difflib.get_close_matches(key, names + list(aliases), n=1, cutoff=0.6)
+    return aliases.get(close[0], close[0]) if close else None
+
+
+def _type_ok(value, tp) -> tuple[bool, object]:
+    """(ok, coerced value) for the small set of annotation shapes used above."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            ok, v = _type_ok(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str) and inner is str:
+            return True, [value]
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for v in value:
+            ok, c = _type_ok(v, inner)
+            if not ok:
+                return False, value
+            out.append(c)
+        return True, out
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else key
+        if key not in names:
+            close = _suggest(key, names)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close}'?" if close else \
+                f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, full)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{full}' expects {_type_name(tp)}, got {value!r}")
+        if full in CHOICES and coerced not in CHOICES[full]:
+            raise ConfigError(f"config key '{full}' must be one of {', '.join(CHOICES[full])}, got {coerced!r}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=10)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    node = tree
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    for item in overrides:
+        _apply_override(tree, item)
+    cfg = _build(RunConfig, tree, "")
+    check(cfg)
+    return cfg
+
+
+def check(cfg: RunConfig) -> None:
+    """Value checks that need more than one key (run before any work starts)."""
+    from ..format.codes import BLOCKSIZES
+    q = cfg.model.quant
+    if q.blocksize not in BLOCKSIZES:
+        raise ConfigError(f"invalid model.quant.blocksize {q.blocksize}: choose one of "
+                          f"{', '.join(map(str, BLOCKSIZES))}")
+    if cfg.lora.r <= 0:
+        raise ConfigError(f"lora.r must be positive, got {cfg.lora.r}")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.train.max_steps == 0:
+        raise ConfigError("train.max_steps=0 trains nothing; use -1 for epochs or a positive number")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")

@@ -1,0 +1,165 @@
+"""The QLoRA recipe: load 4-bit base → LoRA → data → HF Trainer (chunked loss) → eval → save.
+
+One readable function, `run(cfg)`. HF `Trainer` owns the loop, checkpoints, scheduler,
+accelerate/DDP integration; we supply the model, the loss and the optimizer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .. import __version__
+from ..errors import ConfigError, InputError, TrainingError
+from ..utils.io import write_json
+from .callbacks import JsonlLogger, StopOnNonFinite
+from .config import RunConfig
+from .data import Collator, build_datasets
+from .loss import causal_lm_loss, perplexity
+from .optim import build_optimizer
+
+log = logging.getLogger("lowbit")
+
+
+class LowbitTrainer(Trainer):
+    def __init__(self, *a, lowbit_cfg: RunConfig, **kw):
+        self.lowbit_cfg = lowbit_cfg
+        super().__init__(*a, **kw)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                              self.lowbit_cfg.train.loss_chunk_tokens)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {self.state.global_step}; stopping. The last "
+                                f"good checkpoint in {self.args.output_dir} is kept — lower train.lr or check the data")
+        return (loss, None) if return_outputs else loss
+
+    def create_optimizer(self):
+        if self.optimizer is None:
+            t = self.lowbit_cfg.train
+            self.optimizer = build_optimizer(t.optimizer, self.model.parameters(), t.lr, t.weight_decay)
+        return self.optimizer
+
+
+def base_model_hash(path: str | Path) -> str:
+    """sha256 of config.json + every safetensors header: identifies the base cheaply."""
+    from ..models.safetensors_stream import read_header
+    h = hashlib.sha256((Path(path) / "config.json").read_bytes())
+    for f in sorted(Path(path).glob("*.safetensors")):
+        header, _ = read_header(f)
+        h.update(json.dumps(header, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _check_output_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg.train.output_dir)
+    if (out / "adapter").exists() and not cfg.train.overwrite_output and cfg.train.resume_from == "none":
+        raise ConfigError(f"{out} already holds a finished run (adapter/); set train.overwrite_output=true to "
+                          "replace it, train.resume_from=auto to continue, or choose another train.output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"train.output_dir {out} is not writable ({e.strerror}); choose another directory") from None
+    return out
+
+
+def _resume_arg(cfg: RunConfig, out: Path):
+    r = cfg.train.resume_from
+    if r == "none":
+        return None
+    if r == "auto":
+        ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        return str(ckpts[-1]) if ckpts else None
+    if not Path(r).exists():
+        raise InputError(f"train.resume_from {r} does not exist")
+    return r
+
+
+def _save_adapter(model, out: Path) -> Path:
+    final = out / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def run(cfg: RunConfig) -> dict:
+    from transformers import set_seed
+
+    from ..models import load_model
+    from ..modules.lora import add_lora, prepare_for_kbit_training
+    out = _check_output_dir(cfg)
+    set_seed(cfg.train.seed)
+    q = cfg.model.quant
+    model, tok = load_model(cfg.model.path, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type,
+                            blocksize=q.blocksize, double_quant=q.double_quant, storage_dtype=q.storage_dtype,
+                            compute_dtype=q.compute_dtype, skip_modules=tuple(q.skip_modules),
+                            keep_embeddings_in_compute_dtype=q.keep_embeddings_in_compute_dtype,
+                            trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.tokenizer:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    train_ex, eval_ex = build_datasets(tok, cfg.data, cfg.train.seed)
+    collate = Collator(tok.pad_token_id)
+    prepare_for_kbit_training(model, cfg.train.gradient_checkpointing)
+    lc = cfg.lora
+    model = add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                     use_rslora=lc.use_rslora, use_dora=lc.use_dora)
+    metrics: dict = {"train_examples": len(train_ex), "eval_examples": len(eval_ex)}
+    chunk = cfg.train.loss_chunk_tokens
+    if eval_ex and cfg.eval.before:
+        metrics["eval_ppl_before"] = perplexity(model, eval_ex, collate, cfg.eval.batch_size, chunk, "eval before")
+        print(f"held-out perplexity before training: {metrics['eval_ppl_before']:.3f}", flush=True)
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(out), seed=t.seed, max_steps=t.max_steps, num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit, report_to=["tensorboard"] if "tensorboard" in t.report_to else [],
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
+        ddp_find_unused_parameters=False)
+    callbacks = [StopOnNonFinite()] + ([JsonlLogger(out / "logs.jsonl")] if "jsonl" in t.report_to else [])
+    trainer = LowbitTrainer(model=model, args=args, train_dataset=train_ex, data_collator=collate,
+                            callbacks=callbacks, lowbit_cfg=cfg)
+    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg, out))
+    metrics.update({"train_loss": result.training_loss, "train_steps": result.global_step,
+                    "train_runtime_s": result.metrics.get("train_runtime")})
+    if not math.isfinite(result.training_loss):
+        raise TrainingError(f"training loss is {result.training_loss}; adapters not saved")
+    if eval_ex and cfg.eval.after:
+        metrics["eval_ppl_after"] = perplexity(model, eval_ex, collate, cfg.eval.batch_size, chunk, "eval after")
+        before = metrics.get("eval_ppl_before")
+        print(f"held-out perplexity: {before:.3f} -> {metrics['eval_ppl_after']:.3f}" if before else
+              f"held-out perplexity after training: {metrics['eval_ppl_after']:.3f}", flush=True)
+    if trainer.is_world_process_zero():
+        adapter = _save_adapter(model, out)
+        write_json(out / "lowbit_run.json", {
+            "format": "lowbit.run", "version": 1, "lowbit_version": __version__, "config": cfg.to_dict(),
+            "base_model": {"path": str(cfg.model.path), "sha256": base_model_hash(cfg.model.path),
+                           "model_type": model.get_base_model().config.model_type},
+            "metrics": metrics, "torch": torch.__version__, "python": platform.python_version(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+        print(f"adapters saved to {adapter}", flush=True)
+    return metrics
