@@ -1,36 +1,74 @@
-"""Kernel entry points used by the modules. This version runs the pure-torch reference;
-the op catalog (CPU C++ / CUDA backends) replaces the bodies, not the signatures."""
+"""Kernel entry points used by the modules, dispatching through the `lowbit::` op catalog
+(ops.py). The CPU C++ backend is compiled on first use (cached); CUDA registers itself on
+machines with CUDA torch; everything else runs the pure-torch reference."""
 from __future__ import annotations
 
 import torch
 
-from ..format import Quantized4bit, dequantize_reference, quantize
+from ..format import Quantized4bit
+from ..format.blockwise import check_blocksize, check_quant_type
+from ..format.codes import code_4bit
+from ..format.tensor import double_quantize
+from . import ops
+from .ops import state_args
+
+GEMV_MAX_ROWS = 16
+_READY = {}
+
+
+def ensure_backends() -> dict:
+    """Register the compiled backends once; returns which are active."""
+    if not _READY:
+        from .cpu import build as cpu_build
+        _READY["cpu"] = cpu_build.load()
+        _READY["cuda"] = False
+        if torch.cuda.is_available():
+            from .cuda import build as cuda_build
+            _READY["cuda"] = cuda_build.load()
+    return _READY
 
 
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_reference(q, dtype)
+    ensure_backends()
+    return torch.ops.lowbit.dequantize_4bit(*state_args(q), dtype)
 
 
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4") -> Quantized4bit:
-    return quantize(w, blocksize, double_quant, quant_type)
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"quantize expects a float32/bfloat16/float16 tensor, got {w.dtype}")
+    ensure_backends()
+    packed, absmax = torch.ops.lowbit.quantize_4bit(w, blocksize, quant_type)
+    q = Quantized4bit(packed=packed, absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize,
+                      quant_type=quant_type, code=code_4bit(quant_type, w.device))
+    return double_quantize(q) if double_quant else q
 
 
 class _MatMul4bit(torch.autograd.Function):
-    # The dequantized weight is not saved for backward: it is rebuilt, trading compute for
-    # the memory QLoRA exists to save.
+    # The dequantized weight is not saved for backward: it is rebuilt there, trading compute
+    # for the memory QLoRA exists to save.
     @staticmethod
     def forward(ctx, x, q, bias):
         ctx.q = q
-        w = dequantize_4bit(q, x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
+        rows = x.numel() // x.shape[-1]
+        if rows <= GEMV_MAX_ROWS:
+            y = torch.ops.lowbit.gemv_4bit(x, *state_args(q))
+        else:
+            y = x @ torch.ops.lowbit.dequantize_4bit(*state_args(q), x.dtype).t()
+        return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = grad_out @ dequantize_4bit(ctx.q, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = torch.ops.lowbit.matmul_4bit_dx(grad_out, *state_args(ctx.q)) if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
 
 
 def matmul_4bit(x: torch.Tensor, q: Quantized4bit, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ deq(W).T + bias, differentiable in x (and bias); W is frozen."""
+    ensure_backends()
     return _MatMul4bit.apply(x, q, bias)
+
+
+__all__ = ["GEMV_MAX_ROWS", "dequantize_4bit", "ensure_backends", "matmul_4bit", "ops", "quantize_4bit"]
