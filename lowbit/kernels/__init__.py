@@ -45,6 +45,24 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     return double_quantize(q) if double_quant else q
 
 
+_WORKSPACE: dict = {}
+
+
+def dequantize_to_workspace(q: Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize into a reused buffer (CPU): a fresh multi-MB tensor per layer and step
+    costs more in page faults than the dequantization itself. The result is only valid
+    until the next call, so it is used at once and never saved for backward."""
+    if q.device.type != "cpu":
+        return torch.ops.lowbit.dequantize_4bit(*state_args(q), dtype)
+    n = q.numel
+    buf = _WORKSPACE.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = _WORKSPACE[dtype] = torch.empty(n, dtype=dtype)
+    w = buf[:n].view(q.shape)
+    torch.ops.lowbit.dequantize_4bit_into(*state_args(q), w)
+    return w
+
+
 class _MatMul4bit(torch.autograd.Function):
     # The dequantized weight is not saved for backward: it is rebuilt there, trading compute
     # for the memory QLoRA exists to save.
@@ -55,12 +73,13 @@ class _MatMul4bit(torch.autograd.Function):
         if rows <= GEMV_MAX_ROWS:
             y = torch.ops.lowbit.gemv_4bit(x, *state_args(q))
         else:
-            y = x @ torch.ops.lowbit.dequantize_4bit(*state_args(q), x.dtype).t()
+            y = x @ dequantize_to_workspace(q, x.dtype).t()
         return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = torch.ops.lowbit.matmul_4bit_dx(grad_out, *state_args(ctx.q)) if ctx.needs_input_grad[0] else None
+        grad_x = (grad_out @ dequantize_to_workspace(ctx.q, grad_out.dtype) if ctx.q.device.type == "cpu"
+                  else torch.ops.lowbit.matmul_4bit_dx(grad_out, *state_args(ctx.q))) if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
 

@@ -15,6 +15,7 @@ _STATE = "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_co
          "int blocksize, str quant_type, int[] shape"
 SCHEMAS = {
     "dequantize_4bit": f"dequantize_4bit({_STATE}, ScalarType dtype) -> Tensor",
+    "dequantize_4bit_into": f"dequantize_4bit_into({_STATE}, Tensor(a!) out) -> ()",
     "quantize_4bit": "quantize_4bit(Tensor w, int blocksize, str quant_type) -> (Tensor, Tensor)",
     "gemv_4bit": f"gemv_4bit(Tensor x, {_STATE}) -> Tensor",
     "matmul_4bit_dx": f"matmul_4bit_dx(Tensor grad, {_STATE}) -> Tensor",
@@ -46,6 +47,12 @@ def _dequantize_ref(packed, absmax, nested_absmax, nested_code, offset, blocksiz
     return dequantize_4bit_values(packed, am, shape, dtype, blocksize, quant_type)
 
 
+@torch.library.impl(lib, "dequantize_4bit_into", "CompositeExplicitAutograd")
+def _dequantize_into_ref(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, out):
+    out.copy_(_dequantize_ref(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+                              out.dtype).reshape(out.shape))
+
+
 @torch.library.impl(lib, "quantize_4bit", "CompositeExplicitAutograd")
 def _quantize_ref(w, blocksize, quant_type):
     return quantize_4bit_packed(w, blocksize, quant_type)
@@ -70,6 +77,11 @@ def _dx_ref(grad, packed, absmax, nested_absmax, nested_code, offset, blocksize,
 def _dequantize_fake(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype):
     torch._check(packed.numel() * packed.element_size() * 2 >= math.prod(shape))
     return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::dequantize_4bit_into")
+def _dequantize_into_fake(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, out):
+    return None
 
 
 @torch.library.register_fake("lowbit::quantize_4bit")

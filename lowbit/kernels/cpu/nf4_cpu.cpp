@@ -19,9 +19,9 @@ struct AbsmaxView {  // per-block absmax, fp32 or double-quantized
   const float* nested = nullptr;
   const float* nested_code = nullptr;
   float offset = 0.f;
-  int nested_blocksize = 256;
+  int nested_shift = 8;  // bitsandbytes' nested blocksize is always 256
   inline float get(int64_t b) const {
-    return lowbit::block_absmax(f32, q, nested, nested_code, offset, b, nested_blocksize);
+    return lowbit::block_absmax(f32, q, nested, nested_code, offset, b, nested_shift);
   }
 };
 
@@ -47,7 +47,8 @@ AbsmaxView make_absmax(const at::Tensor& absmax, const c10::optional<at::Tensor>
 }
 
 bool cpu_has_avx512bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = (__builtin_cpu_init(), true) && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512bf16");
   return ok;
 }
@@ -113,23 +114,35 @@ void dequant_all(const uint8_t* packed, const AbsmaxView& am, int qt, int64_t bl
   });
 }
 
+void dequantize_4bit_into_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                              const c10::optional<at::Tensor>& nested_absmax,
+                              const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                              int64_t blocksize, c10::string_view quant_type, at::IntArrayRef shape,
+                              const at::Tensor& out) {
+  const int qt = qtype_of(std::string(quant_type));
+  TORCH_CHECK(out.is_contiguous(), "dequantize_4bit_into: out must be contiguous");
+  auto p = packed.contiguous().view(at::kByte);
+  auto am_t = absmax.contiguous();
+  const AbsmaxView am = make_absmax(am_t, nested_absmax, nested_code, offset);
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  TORCH_CHECK(out.numel() == n, "dequantize_4bit_into: out has ", out.numel(), " elements, shape needs ", n);
+  TORCH_CHECK(p.numel() * 2 >= n, "packed holds ", p.numel() * 2, " codes, shape needs ", n);
+  const uint8_t* pp = p.data_ptr<uint8_t>();
+  const auto dtype = out.scalar_type();
+  if (dtype == at::kFloat) dequant_all<float>(pp, am, qt, blocksize, n, out.data_ptr<float>());
+  else if (dtype == at::kBFloat16) dequant_all<uint16_t>(pp, am, qt, blocksize, n, reinterpret_cast<uint16_t*>(out.data_ptr()));
+  else if (dtype == at::kHalf) dequant_all<Half16>(pp, am, qt, blocksize, n, reinterpret_cast<Half16*>(out.data_ptr()));
+  else TORCH_CHECK(false, "dequantize_4bit: dtype must be float32, bfloat16 or float16");
+}
+
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                                const c10::optional<at::Tensor>& nested_absmax,
                                const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
                                int64_t blocksize, c10::string_view quant_type, at::IntArrayRef shape,
                                at::ScalarType dtype) {
-  const int qt = qtype_of(std::string(quant_type));
-  auto p = packed.contiguous().view(at::kByte);
-  auto am_t = absmax.contiguous();
-  const AbsmaxView am = make_absmax(am_t, nested_absmax, nested_code, offset);
   auto out = at::empty(shape, packed.options().dtype(dtype));
-  const int64_t n = out.numel();
-  TORCH_CHECK(p.numel() * 2 >= n, "packed holds ", p.numel() * 2, " codes, shape needs ", n);
-  const uint8_t* pp = p.data_ptr<uint8_t>();
-  if (dtype == at::kFloat) dequant_all<float>(pp, am, qt, blocksize, n, out.data_ptr<float>());
-  else if (dtype == at::kBFloat16) dequant_all<uint16_t>(pp, am, qt, blocksize, n, reinterpret_cast<uint16_t*>(out.data_ptr()));
-  else if (dtype == at::kHalf) dequant_all<Half16>(pp, am, qt, blocksize, n, reinterpret_cast<Half16*>(out.data_ptr()));
-  else TORCH_CHECK(false, "dequantize_4bit: dtype must be float32, bfloat16 or float16");
+  dequantize_4bit_into_cpu(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, out);
   return out;
 }
 
@@ -197,31 +210,75 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in, int
 }
 
 // ---- fused small-M dequant-matmul: y[m, n] = sum_k x[m, k] * deq(W)[n, k] ---------------
-// Rows [n0, n1) of y; a plain function (not a lambda) so it carries the AVX-512 target.
+// 32 codes (16 packed bytes) → 32 bf16 code values (unscaled), in element order.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-void gemv_rows_avx512(const uint16_t* x, int64_t M, const uint8_t* packed, const AbsmaxView& am, const float* code,
+inline __m512i decode32_bf16(const uint8_t* bytes, __m512i table_bf16) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  const __m128i lo = _mm_and_si128(b, m);
+  const __m256i inter = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+  return _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(inter), table_bf16);
+}
+
+// Rows [n0, n1) of y; a plain function (not a lambda) so it carries the AVX-512 target.
+// Per block: dot products of x with the bf16 code values in fp32, then one multiply by
+// the block's absmax (so the weight is never materialized). M is a compile-time constant
+// so the accumulators live in registers; for small M, P interleaved accumulators per row
+// hide the dpbf16 latency chain.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void gemv_rows_avx512(const uint16_t* x, const uint8_t* packed, const AbsmaxView& am, const uint16_t* tab32,
                       int64_t N, int64_t K, int64_t blocksize, uint16_t* y, int64_t n0, int64_t n1) {
-  const __m512 table = _mm512_loadu_ps(code);
+  constexpr int P = M <= 4 ? 2 : 1;
+  const __m512i table = _mm512_loadu_si512(tab32);
   const int64_t blocks_per_row = K / blocksize;
   for (int64_t n = n0; n < n1; ++n) {
-    __m512 acc[16];
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    __m512 tot[M];
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
     const uint8_t* row = packed + (n * K >> 1);
     for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
-      const __m512 scale = _mm512_set1_ps(am.get(n * blocks_per_row + bb));
-      for (int64_t k = bb * blocksize; k < (bb + 1) * blocksize; k += 32) {
-        // weights rounded to bf16 once, as dequantize-to-bf16 would round them
-        const __m512 v0 = decode16(row + (k >> 1), table, scale);
-        const __m512 v1 = decode16(row + (k >> 1) + 8, table, scale);
-        const __m512bh wv = _mm512_cvtne2ps_pbh(v1, v0);
-        for (int64_t m = 0; m < M; ++m) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-          acc[m] = _mm512_dpbf16_ps(acc[m], wv, xv);
+      __m512 acc[P][M];
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m)
+        for (int p = 0; p < P; ++p) acc[p][m] = _mm512_setzero_ps();
+      const int64_t k0 = bb * blocksize;
+      for (int64_t k = k0; k < k0 + blocksize; k += 32 * P) {
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) {
+          const __m512bh wv = (__m512bh)decode32_bf16(row + ((k + 32 * p) >> 1), table);
+#pragma GCC unroll 16
+          for (int m = 0; m < M; ++m)
+            acc[p][m] = _mm512_dpbf16_ps(acc[p][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * p));
         }
       }
+      const __m512 scale = _mm512_set1_ps(am.get(n * blocks_per_row + bb));
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        __m512 s = acc[0][m];
+        if constexpr (P == 2) s = _mm512_add_ps(s, acc[1][m]);
+        tot[m] = _mm512_fmadd_ps(s, scale, tot[m]);
+      }
     }
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = lowbit::f32_to_bf16_bits(_mm512_reduce_add_ps(acc[m]));
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) y[m * N + n] = lowbit::f32_to_bf16_bits(_mm512_reduce_add_ps(tot[m]));
   }
+}
+
+void gemv_avx512(const uint16_t* x, int64_t M, const uint8_t* packed, const AbsmaxView& am, const uint16_t* code_bf16,
+                 int64_t N, int64_t K, int64_t blocksize, uint16_t* y) {
+  // vector values never cross the (non-AVX-512) lambda below: only pointers do
+  uint16_t tab[32] = {0};
+  std::memcpy(tab, code_bf16, 16 * sizeof(uint16_t));
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+#define LB_CASE(m) case m: gemv_rows_avx512<m>(x, packed, am, tab, N, K, blocksize, y, n0, n1); break;
+      LB_CASE(1) LB_CASE(2) LB_CASE(3) LB_CASE(4) LB_CASE(5) LB_CASE(6) LB_CASE(7) LB_CASE(8)
+      LB_CASE(9) LB_CASE(10) LB_CASE(11) LB_CASE(12) LB_CASE(13) LB_CASE(14) LB_CASE(15) LB_CASE(16)
+#undef LB_CASE
+    }
+  });
 }
 
 at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -234,8 +291,8 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   TORCH_CHECK(x.size(-1) == K, "gemv_4bit: x has ", x.size(-1), " features, weight expects ", K);
   auto x2 = x.reshape({-1, K});
   const int64_t M = x2.size(0);
-  const bool fast = cpu_has_avx512bf16() && x.scalar_type() == at::kBFloat16 && M <= 16 && K % 32 == 0 &&
-                    blocksize % 32 == 0 && K % blocksize == 0;
+  const bool fast = cpu_has_avx512bf16() && x.scalar_type() == at::kBFloat16 && M >= 1 && M <= 16 &&
+                    K % 64 == 0 && blocksize % 64 == 0 && K % blocksize == 0;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
   if (!fast) {  // general case: dequantize once, then the BLAS matmul
@@ -247,15 +304,13 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   auto p = packed.contiguous().view(at::kByte);
   auto am_t = absmax.contiguous();
   const AbsmaxView am = make_absmax(am_t, nested_absmax, nested_code, offset);
-  float code[16];
-  for (int q = 0; q < 16; ++q) code[q] = code_value(qt, q);
+  uint16_t code[16];
+  for (int q = 0; q < 16; ++q) code[q] = lowbit::f32_to_bf16_bits(code_value(qt, q));
   auto y = at::empty({M, N}, x.options());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const uint8_t* pp = p.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    gemv_rows_avx512(xp, M, pp, am, code, N, K, blocksize, yp, n0, n1);
-  });
+  gemv_avx512(xp, M, pp, am, code, N, K, blocksize, yp);
   return y.reshape(out_shape);
 }
 
@@ -263,6 +318,7 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit_into", &dequantize_4bit_into_cpu);
   m.impl("quantize_4bit", &quantize_4bit_cpu);
   m.impl("gemv_4bit", &gemv_4bit_cpu);
 }

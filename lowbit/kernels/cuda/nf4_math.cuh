@@ -34,10 +34,11 @@ LB_HD int nibble(const uint8_t* packed, int64_t i) {
 
 // Per-block absmax: fp32 as stored, or double-quantized (uint8 code of absmax - offset,
 // decoded with the 8-bit dynamic map and one fp32 nested absmax per nested block).
+// nested_shift = log2(nested blocksize): a shift, not a 64-bit divide, on the hot path.
 LB_HD float block_absmax(const float* absmax_f32, const uint8_t* absmax_q, const float* nested_absmax,
-                         const float* nested_code, float offset, int64_t block, int nested_blocksize) {
+                         const float* nested_code, float offset, int64_t block, int nested_shift) {
   if (absmax_q == nullptr) return absmax_f32[block];
-  return nested_code[absmax_q[block]] * nested_absmax[block / nested_blocksize] + offset;
+  return nested_code[absmax_q[block]] * nested_absmax[block >> nested_shift] + offset;
 }
 
 // fp32 -> bf16 bits, round to nearest even (what torch's .to(bfloat16) does); NaN stays NaN.
