@@ -15,7 +15,7 @@ def test_forward_backward_equal_dense_dequantized(compute_dtype, storage):
     q = Linear4bit.from_linear(lin, storage_dtype=storage, compute_dtype=compute_dtype)
     assert q.weight.dtype == storage and not q.weight.requires_grad
     w = dequantize_reference(q.quant, compute_dtype)
-    x = torch.randn(5, 192, dtype=compute_dtype, requires_grad=True)
+    x = torch.randn(24, 192, dtype=compute_dtype, requires_grad=True)  # > 16 rows: dequantize + matmul path
     x_ref = x.detach().clone().requires_grad_(True)
     y = q(x)
     y_ref = torch.nn.functional.linear(x_ref, w, q.bias.to(compute_dtype))
@@ -24,6 +24,17 @@ def test_forward_backward_equal_dense_dequantized(compute_dtype, storage):
     y.backward(g)
     y_ref.backward(g)
     assert torch.equal(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_small_batch_fused_path_matches_dequantized_matmul(rows):
+    torch.manual_seed(1)
+    q = Linear4bit.from_linear(nn.Linear(256, 96, bias=True), compute_dtype=torch.bfloat16)
+    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+    ref = x.float() @ dequantize_reference(q.quant, torch.bfloat16).float().t() + q.bias.float()
+    got = q(x).float()
+    # bf16 output and bf16-rounded code values: a few bf16 ulps of the largest output
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_state_dict_is_bitsandbytes_layout_and_round_trips():

@@ -72,9 +72,8 @@ class _MatMul4bit(torch.autograd.Function):
         rows = x.numel() // x.shape[-1]
         if rows <= GEMV_MAX_ROWS:
             y = torch.ops.lowbit.gemv_4bit(x, *state_args(q))
-        else:
-            y = x @ dequantize_to_workspace(q, x.dtype).t()
-        return y if bias is None else y + bias
+            return y if bias is None else y + bias
+        return torch.nn.functional.linear(x, dequantize_to_workspace(q, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
