@@ -174,6 +174,48 @@ void quantize_block(const In* w, int64_t start, int64_t len, bool tail, const fl
   }
 }
 
+// AVX-512 version of quantize_block for full blocks (len % 16 == 0, multiply by 1/absmax):
+// the same fp32 operations in the same order, so the bytes are identical.
+template <typename In>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+inline __m512 load16_f32(const In* w) {
+  if constexpr (std::is_same<In, float>::value) {
+    return _mm512_loadu_ps(w);
+  } else if constexpr (std::is_same<In, at::BFloat16>::value) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  }
+}
+
+template <typename In>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void quantize_full_block_avx512(const In* w, int64_t start, int64_t len, const float* bounds, const uint8_t* order,
+                                uint8_t* packed, float* absmax_out, int64_t b) {
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16_f32<In>(w + start + i)));
+  const float am = _mm512_reduce_max_ps(vmax);
+  absmax_out[b] = am;
+  const __m512 inv = _mm512_set1_ps(1.0f / std::max(am, 1e-38f));
+  const __m512 one = _mm512_set1_ps(1.0f), neg_one = _mm512_set1_ps(-1.0f);
+  int32_t ord32[16];
+  for (int q = 0; q < 16; ++q) ord32[q] = order[q];
+  const __m512i ordv = _mm512_loadu_si512(ord32);
+  const __m512i ones = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < len; i += 16) {
+    __m512 s = _mm512_mul_ps(load16_f32<In>(w + start + i), inv);
+    s = _mm512_min_ps(one, _mm512_max_ps(neg_one, s));
+    __m512i k = _mm512_setzero_si512();
+    for (int j = 0; j < 15; ++j)  // bucketize(right=False): count bounds strictly below s
+      k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(_mm512_set1_ps(bounds[j]), s, _CMP_LT_OQ), k, ones);
+    const __m128i c = _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(k, ordv));  // 16 codes, one per byte
+    const __m128i hi = _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x000F)), 4);
+    const __m128i v = _mm_or_si128(hi, _mm_srli_epi16(c, 8));                    // even << 4 | odd
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + ((start + i) >> 1)), _mm_packus_epi16(v, v));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in, int64_t blocksize,
                                                      c10::string_view quant_type) {
   const int qt = qtype_of(std::string(quant_type));
@@ -197,15 +239,24 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in, int
   const int64_t full_blocks = n / blocksize;
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* ap = absmax.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "quantize_4bit", [&] {
-    const scalar_t* wp = w.data_ptr<scalar_t>();
+  const bool vec = cpu_has_avx512bf16();
+  auto run = [&](auto* wp) {
+    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
     at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
-        quantize_block<scalar_t>(wp, start, len, b >= full_blocks, bounds, order, pad, pp, ap, b);
+        if (vec && b < full_blocks && len % 16 == 0)
+          quantize_full_block_avx512<scalar_t>(wp, start, len, bounds, order, pp, ap, b);
+        else
+          quantize_block<scalar_t>(wp, start, len, b >= full_blocks, bounds, order, pad, pp, ap, b);
       }
     });
-  });
+  };
+  const auto st = w.scalar_type();
+  if (st == at::kFloat) run(w.data_ptr<float>());
+  else if (st == at::kBFloat16) run(w.data_ptr<at::BFloat16>());
+  else if (st == at::kHalf) run(w.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "quantize_4bit: weights must be float32, bfloat16 or float16, got ", st);
   return {packed, absmax};
 }
 
