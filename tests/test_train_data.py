@@ -81,3 +81,26 @@ def test_chunked_loss_equals_full_cross_entropy(softcap, tok):
     for chunk in (1, 7, 1024):
         got = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_tokens=chunk)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_frozen_head_fused_gradient_equals_autograd(softcap):
+    from lowbit.testing import make_tiny_model
+    model, _ = make_tiny_model("gemma3" if softcap else "llama")  # gemma applies final_logit_softcapping
+    model.config.final_logit_softcapping = softcap
+    model.lm_head.weight.requires_grad_(False)
+    ids = torch.randint(5, 500, (2, 24))
+    labels = ids.clone()
+    labels[0, :5] = IGNORE
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    ref_loss, ref = grads(lambda: model(input_ids=ids, labels=labels).loss)
+    got_loss, got = grads(lambda: causal_lm_loss(model, ids, labels, chunk_tokens=7))
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert ref.keys() == got.keys() and len(got) > 5
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6)

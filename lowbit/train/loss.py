@@ -1,6 +1,11 @@
 """Causal-LM loss computed in token chunks, so a 262k vocabulary never materializes
-[batch, seq, vocab] fp32 logits: each chunk's logits are made, reduced, and recomputed
-in backward (checkpointed) instead of stored."""
+[batch, seq, vocab] fp32 logits.
+
+With a frozen lm_head (the QLoRA case) each chunk's gradient w.r.t. the hidden states is
+computed in the forward pass, right after its logits, and kept (tokens x hidden, small):
+backward is then one multiply, and the vocabulary projection — the largest matmul in a
+small-model step — runs twice per step instead of three times. With a trainable lm_head
+the chunks are checkpointed and recomputed in backward instead."""
 from __future__ import annotations
 
 import math
@@ -23,6 +28,37 @@ def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: 
     return F.cross_entropy(logits, y, reduction="sum")
 
 
+class _FrozenHeadCE(torch.autograd.Function):
+    """sum of CE over rows of h @ W.T (W frozen); d(loss)/dh precomputed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, softcap, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        for i in range(0, y.numel(), chunk_tokens):
+            hc, yc = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
+            z = (hc @ weight.t()).float()
+            if softcap:
+                t = torch.tanh(z / softcap)
+                logits = t * softcap
+            else:
+                logits = z
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            g = torch.softmax(logits, dim=-1)            # dCE/dlogits = softmax - onehot
+            g[torch.arange(yc.numel(), device=g.device), yc] -= 1
+            if softcap:
+                g *= 1 - t * t                           # d(softcap*tanh(z/softcap))/dz
+            grad_h[i:i + chunk_tokens] = (g.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), None, None, None, None
+
+
 def hidden_and_head(model, input_ids, attention_mask=None):
     """Final hidden states from the decoder, and the lm_head weight."""
     base = _unwrap(model)
@@ -38,6 +74,8 @@ def nll_sum(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 2
     h = h[:, :-1].reshape(-1, h.shape[-1])
     keep = y != IGNORE
     h, y = h[keep], y[keep]
+    if torch.is_grad_enabled() and h.requires_grad and not w.requires_grad:
+        return _FrozenHeadCE.apply(h, w, y, softcap, chunk_tokens), int(y.numel())
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, y.numel(), chunk_tokens):
         hc, yc = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
