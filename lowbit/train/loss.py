@@ -37,15 +37,17 @@ class _FrozenHeadCE(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         for i in range(0, y.numel(), chunk_tokens):
             hc, yc = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
-            z = (hc @ weight.t()).float()
+            logits = (hc @ weight.t()).float()
             if softcap:
-                t = torch.tanh(z / softcap)
+                t = torch.tanh(logits.div_(softcap))
                 logits = t * softcap
-            else:
-                logits = z
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            g = torch.softmax(logits, dim=-1)            # dCE/dlogits = softmax - onehot
+            # one exp pass serves both the loss (log-sum-exp) and its gradient (softmax)
+            picked = logits.gather(1, yc[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            g = logits.sub_(top).exp_()
+            denom = g.sum(dim=-1, keepdim=True)
+            total += (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()
+            g.div_(denom)                                # softmax; dCE/dlogits = softmax - onehot
             g[torch.arange(yc.numel(), device=g.device), yc] -= 1
             if softcap:
                 g *= 1 - t * t                           # d(softcap*tanh(z/softcap))/dz
