@@ -9,3 +9,9 @@ Flow of the package, one folder per stage:
   export/   merge, LoftQ and export (peft, HF, bnb-4bit, GGUF)
 """
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes' CPU backend logs a warning on import when the optional `kernels` package
+# (its repacked inference GEMM) is absent; lowbit never uses that path.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
