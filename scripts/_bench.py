@@ -10,12 +10,27 @@ import time
 from pathlib import Path
 
 
-def median_ms(fn, repeats: int = 20, warmup: int = 3, min_time_s: float = 0.0) -> float:
+_SCRATCH: list = []
+
+
+def flush_caches(mb: int = 128) -> None:
+    """Write a buffer larger than the last-level cache (32 MB here) so the next timed call
+    reads its inputs from DRAM, as it would inside a model whose weights don't fit in cache."""
+    import torch
+    if not _SCRATCH:
+        _SCRATCH.append(torch.zeros(mb * 2**20 // 4, dtype=torch.float32))
+    _SCRATCH[0].add_(1.0)
+
+
+def median_ms(fn, repeats: int = 20, warmup: int = 3, min_time_s: float = 0.0, cold: bool = True) -> float:
+    """Median wall time of fn() in ms; cold=True flushes caches before every timed call."""
     for _ in range(warmup):
         fn()
     times = []
     t_end = time.perf_counter() + min_time_s
     while len(times) < repeats or time.perf_counter() < t_end:
+        if cold:
+            flush_caches()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)

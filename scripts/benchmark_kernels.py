@@ -4,6 +4,8 @@ For bf16 weights 4096x4096, 4096x11008, 11008x4096, 640x2048 (NF4, blocksize 64,
 quant): quantize, dequantize, M=1 and M=256 matmuls. The copy is the physical limit: a
 memcpy between reused buffers whose total traffic (read + write) equals a bf16
 dequantize's, 0.516 B read + 2 B written per element, i.e. 1.258 B copied per element.
+Caches are flushed before every timed call (the L3 here is 32 MB, as big as some of these
+weights), so every row measures DRAM traffic.
 
     .venv/bin/python scripts/benchmark_kernels.py [--quick] [--out outputs/bench/kernels]
 """
