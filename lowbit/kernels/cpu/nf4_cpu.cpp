@@ -78,21 +78,26 @@ inline __m512 decode16(const uint8_t* bytes, __m512 table, __m512 scale) {
   return _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), scale);
 }
 
+// stream=true: non-temporal stores, for outputs far larger than the cache (no
+// read-for-ownership of lines that will not be reused before eviction anyway).
 template <typename Out>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-void dequant_block_avx512(const uint8_t* packed, const float* code, float a, Out* out, int64_t start, int64_t len) {
+void dequant_block_avx512(const uint8_t* packed, const float* code, float a, Out* out, int64_t start, int64_t len,
+                          bool stream) {
   const __m512 table = _mm512_loadu_ps(code);
   const __m512 scale = _mm512_set1_ps(a);
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const __m512 v = decode16(packed + ((start + i) >> 1), table, scale);
     if constexpr (std::is_same<Out, float>::value) {
-      _mm512_storeu_ps(out + start + i, v);
-    } else if constexpr (std::is_same<Out, uint16_t>::value) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + start + i), (__m256i)_mm512_cvtneps_pbh(v));
+      if (stream) _mm512_stream_ps(out + start + i, v);
+      else _mm512_storeu_ps(out + start + i, v);
     } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + start + i),
-                          _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      __m256i h;
+      if constexpr (std::is_same<Out, uint16_t>::value) h = (__m256i)_mm512_cvtneps_pbh(v);
+      else h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(out + start + i), h);
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + start + i), h);
     }
   }
   for (; i < len; ++i) store_scalar<Out>(out, start + i, code[lowbit::nibble(packed, start + i)] * a);
@@ -104,13 +109,18 @@ void dequant_all(const uint8_t* packed, const AbsmaxView& am, int qt, int64_t bl
   for (int q = 0; q < 16; ++q) code[q] = code_value(qt, q);
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   const bool vec = cpu_has_avx512bf16();
+  // stream only big outputs, and only from aligned rows: a small weight dequantized for the
+  // matmul right after it should stay in cache
+  const bool stream = vec && n * int64_t(sizeof(Out)) > (int64_t(24) << 20) &&
+                      reinterpret_cast<uintptr_t>(out) % 64 == 0 && (blocksize * sizeof(Out)) % 64 == 0;
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
       const float a = am.get(b);
-      if (vec) dequant_block_avx512<Out>(packed, code, a, out, start, len);
+      if (vec) dequant_block_avx512<Out>(packed, code, a, out, start, len, stream && len == blocksize);
       else dequant_range_scalar<Out>(packed, qt, a, out, start, start + len);
     }
+    if (stream) _mm_sfence();
   });
 }
 
