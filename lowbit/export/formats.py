@@ -1,0 +1,194 @@
+"""`lowbit export --format peft|merged|bnb4|gguf`: one function per format, each checked by loading it back.
+
+The source is either a trained adapter (run folder or peft adapter folder, merged against the
+4-bit base it was trained on) or, for bnb4/gguf, a dense HF model folder (e.g. `lowbit merge` output).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, InputError
+from .merge import (atomic_dir, load_adapter_model, merge, merge_into_dense, resolve_adapter, _logits, _probe_ids)
+
+FORMATS = ("peft", "merged", "bnb4", "gguf")
+
+
+def _is_adapter(p: Path) -> bool:
+    return (p / "adapter_config.json").exists() or (p / "adapter" / "adapter_config.json").exists()
+
+
+def dense_source(source, base=None, progress: bool = True):
+    """(dense fp32 HF model, tokenizer, info) from an adapter (merged in memory) or a dense model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    p = Path(source)
+    if not p.exists():
+        raise InputError(f"export source {p} does not exist")
+    if _is_adapter(p):
+        src = resolve_adapter(p, base)
+        pm, tok = load_adapter_model(src, compute_dtype="float32", progress=progress)
+        return merge_into_dense(pm, torch.float32), tok, {"adapter": str(src.adapter_dir), "base": str(src.base_path)}
+    if not (p / "config.json").exists():
+        raise InputError(f"{p} is neither a peft adapter / lowbit run folder nor an HF model folder (no config.json)")
+    if "quantization_config" in (p / "config.json").read_text():
+        raise InputError(f"{p} is already quantized; export from the adapter or the merged (dense) checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(p), {"model": str(p)}
+
+
+def export_peft(source, out, *, base=None, overwrite: bool = False, verify: bool = True) -> dict:
+    """Copy the adapter (+ lowbit_run.json, LoftQ base) and check peft loads it onto its base."""
+    src = resolve_adapter(source, base)
+    with atomic_dir(out, overwrite) as tmp:
+        for f in src.adapter_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        for extra in ("lowbit_run.json", "loftq_base.safetensors"):
+            if not (tmp / extra).exists() and (src.adapter_dir.parent / extra).exists():
+                shutil.copy2(src.adapter_dir.parent / extra, tmp / extra)
+    report = {"format": "peft", "path": str(out), "base": str(src.base_path)}
+    if verify:
+        a, tok = load_adapter_model(src, compute_dtype="float32", progress=False)
+        b, _ = load_adapter_model(resolve_adapter(out, src.base_path), compute_dtype="float32", progress=False)
+        ids = _probe_ids(tok)
+        diff = (_logits(a, ids) - _logits(b, ids)).abs().max().item()
+        if diff != 0.0:
+            raise RuntimeError(f"exported adapter {out} reloads with different logits (max |Δ| {diff:.3g})")
+        report["parity_max_abs_logit_diff"] = diff
+    return report
+
+
+def export_bnb4(source, out, *, base=None, overwrite: bool = False, verify: bool = True, quant_type: str = "nf4",
+                blocksize: int = 64, double_quant: bool = True, compute_dtype="bfloat16", progress: bool = True) -> dict:
+    from .bnb4bit import save_bnb4
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    model, tok, info = dense_source(source, base, progress)
+    rep = save_bnb4(model, tok, out, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                    compute_dtype=compute_dtype, overwrite=overwrite, extra=info)
+    report = {"format": "bnb4", "path": str(out), **info, **{k: v for k, v in rep.items() if k != "per_layer"}}
+    if verify:
+        report.update(verify_bnb4(out, model, tok, blocksize))
+    return report
+
+
+def requantized_reference(model, quant_type="nf4", blocksize=64, double_quant=True):
+    """A deep copy of `model` whose Linear weights are replaced by deq(quantize(W)) — what bnb4 should compute."""
+    import copy
+
+    from .. import kernels
+    from ..format import quantize
+    ref = copy.deepcopy(model)
+    for name, mod in ref.named_modules():
+        if type(mod) is torch.nn.Linear and not name.endswith("lm_head"):
+            with torch.no_grad():
+                mod.weight.copy_(kernels.dequantize_4bit(quantize(mod.weight.detach(), blocksize, double_quant,
+                                                                  quant_type), mod.weight.dtype))
+    return ref
+
+
+def verify_bnb4(out, model, tok, blocksize: int = 64) -> dict:
+    """Load with transformers + bitsandbytes; logits must match deq(Q) computed by lowbit (fp32)."""
+    from transformers import AutoModelForCausalLM
+    q = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    # train mode: bitsandbytes' eval CPU path repacks weights to a bf16 kernel (see README)
+    q.train()
+    cfg = q.config.quantization_config
+    ref = requantized_reference(model, cfg.bnb_4bit_quant_type, blocksize, cfg.bnb_4bit_use_double_quant).eval()
+    ids = _probe_ids(tok)
+    with torch.no_grad():
+        got = q(input_ids=ids).logits.float()
+    want = _logits(ref, ids)
+    dense = _logits(model, ids)
+    diff = (got - want).abs().max().item()
+    # bitsandbytes runs the matmul in the checkpoint's compute dtype: bf16/fp16 rounding is allowed
+    rel = 1e-3 if cfg.bnb_4bit_compute_dtype == torch.float32 else 2e-2
+    if diff > rel * max(want.abs().max().item(), 1.0):
+        raise RuntimeError(f"bitsandbytes reload of {out} differs from lowbit's dequantized weights by {diff:.3g}")
+    return {"bnb_reload_vs_lowbit_deq_max_abs_logit_diff": diff,
+            "bnb_vs_dense_max_abs_logit_diff": (got - dense).abs().max().item()}
+
+
+def export_gguf_file(source, out, *, base=None, gguf_type: str = "F16", overwrite: bool = False, verify: bool = True,
+                     progress: bool = True) -> dict:
+    from .gguf_writer import export_gguf
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    model, tok, info = dense_source(source, base, progress)
+    rep = export_gguf(model, tok, out, gguf_type, overwrite=overwrite, progress=progress)
+    report = {"format": "gguf", **info, **rep}
+    if verify:
+        report.update(verify_gguf(out, model, tok, gguf_type))
+    return report
+
+
+def gguf_reference(model, gguf_path):
+    """A copy of `model` holding exactly the weights the GGUF file decodes to (undoing permute / +1)."""
+    import copy
+
+    import gguf
+    from .gguf_writer import _ARCHS, _gguf_tensors
+    reader = gguf.GGUFReader(str(gguf_path))
+    stored = {t.name: t for t in reader.tensors}
+    ref = copy.deepcopy(model)
+    arch_key = _ARCHS[model.config.model_type]
+    names = {}
+    for (gname, _), hf_name in zip(_gguf_tensors(model, arch_key), _hf_names(model)):
+        names[hf_name] = gname
+    sd = ref.state_dict()
+    cfg = model.config
+    for hf_name, gname in names.items():
+        t = stored[gname]
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float().reshape(sd[hf_name].shape)
+        if arch_key == "LLAMA" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            n_kv = cfg.num_attention_heads if hf_name.endswith("q_proj.weight") else cfg.num_key_value_heads
+            w = _unpermute(w, n_kv)
+        if arch_key == "GEMMA3" and hf_name.endswith("norm.weight"):
+            w = w - 1
+        with torch.no_grad():
+            sd[hf_name].copy_(w)
+    return ref, reader
+
+
+def _hf_names(model):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def verify_gguf(out, model, tok, gguf_type: str) -> dict:
+    """Read back with gguf.GGUFReader and transformers' GGUF loader; logits must match the decoded weights."""
+    from transformers import AutoModelForCausalLM
+    out = Path(out)
+    ref, reader = gguf_reference(model, out)
+    if len(reader.tensors) != len(_hf_names(model)):
+        raise RuntimeError(f"{out} holds {len(reader.tensors)} tensors, expected {len(_hf_names(model))}")
+    g = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = _probe_ids(tok)
+    got, want, dense = _logits(g, ids), _logits(ref.eval(), ids), _logits(model, ids)
+    diff = (got - want).abs().max().item()
+    if diff > 1e-3 * max(want.abs().max().item(), 1.0):
+        raise RuntimeError(f"transformers' GGUF load of {out} differs from the file's decoded weights by {diff:.3g}")
+    return {"gguf_reload_vs_decoded_max_abs_logit_diff": diff,
+            "gguf_vs_dense_max_abs_logit_diff": (got - dense).abs().max().item()}
+
+
+def export(source, out, fmt: str, *, base=None, gguf_type: str = "F16", dtype: str = "bfloat16",
+           overwrite: bool = False, verify: bool = True, progress: bool = True) -> dict:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} unknown; choose one of {', '.join(FORMATS)}")
+    if fmt == "peft":
+        return export_peft(source, out, base=base, overwrite=overwrite, verify=verify)
+    if fmt == "merged":
+        return {"format": "merged", "path": str(out),
+                **merge(source, out, base=base, dtype=dtype, overwrite=overwrite, verify=verify, progress=progress)}
+    if fmt == "bnb4":
+        return export_bnb4(source, out, base=base, overwrite=overwrite, verify=verify, progress=progress)
+    return export_gguf_file(source, out, base=base, gguf_type=gguf_type, overwrite=overwrite, verify=verify,
+                            progress=progress)

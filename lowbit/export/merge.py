@@ -1,0 +1,269 @@
+"""Merge LoRA adapters into the dequantized 4-bit base they were trained against.
+
+The merged weight is deq(Q) + s·B·A in fp32, then cast once to the output dtype — the base
+is the same 4-bit weights training saw (including a LoftQ base saved beside the adapter),
+not the original dense checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, InputError
+from .loftq import LOFTQ_BASE_FILE, load_loftq_base
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+RUN_FILE = "lowbit_run.json"
+
+
+class BaseMismatchError(InputError):
+    """The adapter was trained on a different base model than the one given."""
+
+
+def as_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r} unknown; choose one of bfloat16, float16, float32")
+    return _DTYPES[name]
+
+
+@dataclass
+class AdapterSource:
+    adapter_dir: Path
+    run: dict | None          # lowbit_run.json, when the trainer wrote one
+    adapter_config: dict
+    base_path: Path
+
+    @property
+    def quant(self) -> dict:
+        q = ((self.run or {}).get("config") or {}).get("model", {}).get("quant") or {}
+        return {"quant_type": q.get("quant_type", "nf4"), "blocksize": q.get("blocksize", 64),
+                "double_quant": q.get("double_quant", True), "skip_modules": tuple(q.get("skip_modules", ["lm_head"]))}
+
+    def loftq_base(self) -> Path | None:
+        for d in (self.adapter_dir, self.adapter_dir.parent):
+            if (d / LOFTQ_BASE_FILE).exists():
+                return d / LOFTQ_BASE_FILE
+        return None
+
+
+def resolve_adapter(adapter, base=None) -> AdapterSource:
+    """Accept a run dir (adapter/ + lowbit_run.json) or an adapter dir; find the base and check it."""
+    p = Path(adapter)
+    if not p.exists():
+        raise InputError(f"adapter path {p} does not exist")
+    if not (p / "adapter_config.json").exists() and (p / "adapter" / "adapter_config.json").exists():
+        p = p / "adapter"
+    if not (p / "adapter_config.json").exists():
+        raise InputError(f"{p} has no adapter_config.json; pass a peft adapter folder or a lowbit run folder")
+    adapter_config = json.loads((p / "adapter_config.json").read_text())
+    run = None
+    for d in (p, p.parent):
+        if (d / RUN_FILE).exists():
+            run = json.loads((d / RUN_FILE).read_text())
+            break
+    base_path = base or ((run or {}).get("base_model") or {}).get("path") or adapter_config.get("base_model_name_or_path")
+    if not base_path:
+        raise InputError(f"cannot tell which base model {p} was trained on; pass --base <HF model folder>")
+    src = AdapterSource(p, run, adapter_config, Path(base_path))
+    check_base(src)
+    return src
+
+
+def check_base(src: AdapterSource) -> None:
+    """Refuse a base whose hash (if recorded), architecture or Linear shapes differ from training's."""
+    from transformers import AutoConfig
+    base = src.base_path
+    if not (base / "config.json").exists():
+        raise InputError(f"base model {base} is not an HF model folder (no config.json); pass --base")
+    recorded = (src.run or {}).get("base_model") or {}
+    if recorded.get("sha256"):
+        from ..train.trainer import base_model_hash
+        if base_model_hash(base) != recorded["sha256"]:
+            raise BaseMismatchError(f"base model {base} does not match the one the adapter was trained on "
+                                    f"({recorded.get('path')}, sha256 {recorded['sha256'][:12]}…): its config or "
+                                    "weights differ; pass the original base with --base")
+    cfg = AutoConfig.from_pretrained(base)
+    if recorded.get("model_type") and recorded["model_type"] != cfg.model_type:
+        raise BaseMismatchError(f"adapter was trained on a {recorded['model_type']!r} model but {base} is "
+                                f"{cfg.model_type!r}; pass the original base with --base")
+    _check_adapter_shapes(src.adapter_dir, cfg, base)
+
+
+def _check_adapter_shapes(adapter_dir: Path, cfg, base: Path) -> None:
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    f = adapter_dir / "adapter_model.safetensors"
+    if not f.exists():
+        raise InputError(f"{adapter_dir} has no adapter_model.safetensors (lowbit reads safetensors adapters only)")
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    mods = dict(skeleton.named_modules())
+    with safe_open(str(f), "pt") as sf:
+        for key in sf.keys():
+            # base_model.model.<module>.lora_A.weight
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            mod_name = key.removeprefix("base_model.model.").split(".lora_")[0]
+            mod = mods.get(mod_name)
+            shape = tuple(sf.get_slice(key).get_shape())
+            if mod is None:
+                raise BaseMismatchError(f"adapter tensor {key} targets {mod_name}, which base {base} does not have; "
+                                        "pass the base the adapter was trained on with --base")
+            want = shape[1] if ".lora_A." in key else shape[0]
+            have = mod.in_features if ".lora_A." in key else mod.out_features
+            if want != have:
+                raise BaseMismatchError(f"adapter tensor {key} has shape {shape} but {mod_name} in base {base} is "
+                                        f"{mod.out_features}x{mod.in_features}; pass the matching base with --base")
+
+
+def load_adapter_model(src: AdapterSource, compute_dtype="float32", progress: bool = False):
+    """The model the adapter was trained on: 4-bit base (+ LoftQ bytes if saved) + adapter → (peft, tok)."""
+    from ..models import load_model
+    from ..modules.lora import load_adapter
+    q = src.quant
+    model, tok = load_model(src.base_path, quant_type=q["quant_type"], blocksize=q["blocksize"],
+                            double_quant=q["double_quant"], skip_modules=q["skip_modules"],
+                            compute_dtype=compute_dtype, progress=progress)
+    lb = src.loftq_base()
+    if lb is not None:
+        load_loftq_base(model, lb)
+    pm = load_adapter(model, src.adapter_dir)
+    pm.eval()
+    return pm, tok
+
+
+def merge_into_dense(peft_model, dtype=torch.bfloat16, adapter_name: str = "default") -> nn.Module:
+    """Replace every LoRA-wrapped and plain 4-bit Linear with a dense `nn.Linear` (in place) → HF model."""
+    from peft.tuners.lora import LoraLayer
+
+    from ..models.load import _set_module
+    from ..modules.linear4bit import Linear4bit
+    dtype = as_dtype(dtype)
+    base = peft_model.get_base_model()
+    for name, mod in list(base.named_modules()):
+        if isinstance(mod, LoraLayer):
+            layer = mod.get_base_layer()
+            w = _dense_weight(layer)
+            if adapter_name in mod.lora_A:
+                w = w + mod.get_delta_weight(adapter_name).float()
+            _set_module(base, name, _linear(w, layer.bias, dtype))
+    for name, mod in list(base.named_modules()):
+        if isinstance(mod, Linear4bit):
+            _set_module(base, name, _linear(_dense_weight(mod), mod.bias, dtype))
+    base.to(dtype)
+    for attr in ("lowbit_quantization", "lowbit_loftq"):
+        if hasattr(base.config, attr):
+            delattr(base.config, attr)
+    base.config.dtype = dtype
+    return base
+
+
+def _dense_weight(layer) -> torch.Tensor:
+    from ..modules.linear4bit import Linear4bit
+    return layer.dequantize(torch.float32) if isinstance(layer, Linear4bit) else layer.weight.detach().float()
+
+
+def _linear(w: torch.Tensor, bias, dtype) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return lin
+
+
+@contextlib.contextmanager
+def atomic_dir(path, overwrite: bool = False):
+    """Yield a temp folder beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():  # move the old one aside first so the final name is never half-filled
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_hf_model(model: nn.Module, tok, out, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """save_pretrained (safetensors) + tokenizer into `out`, atomically."""
+    from ..utils.io import write_json
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        if extra:
+            write_json(tmp / "lowbit_export.json", extra)
+    return Path(out)
+
+
+def merge(adapter, out, *, base=None, dtype="bfloat16", overwrite: bool = False, verify: bool = True,
+          progress: bool = True) -> dict:
+    """`lowbit merge`: adapter + its 4-bit base → dense HF checkpoint in `dtype`. Returns a report."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    src = resolve_adapter(adapter, base)
+    pm, tok = load_adapter_model(src, compute_dtype="float32", progress=progress)
+    ids = _probe_ids(tok) if verify else None
+    ref = _logits(pm, ids) if verify else None
+    model = merge_into_dense(pm, dtype)
+    report = {"adapter": str(src.adapter_dir), "base": str(src.base_path), "dtype": str(as_dtype(dtype)),
+              "loftq_base": str(src.loftq_base()) if src.loftq_base() else None}
+    save_hf_model(model, tok, out, overwrite, extra={"format": "lowbit.merged", **report})
+    if verify:
+        report.update(verify_merged(out, ids, ref, as_dtype(dtype)))
+    return report
+
+
+def _probe_ids(tok) -> torch.Tensor:
+    text = "Fair is foul, and foul is fair: hover through the fog and filthy air. To be, or not to be."
+    return tok([text], return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def _logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def merge_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """Allowed max |Δlogit|: the output dtype's rounding of weights and activations, scaled by the logit range."""
+    eps = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    return 4 * eps * max(ref.abs().max().item(), 1.0) + (1e-4 if dtype == torch.float32 else 0.0)
+
+
+def verify_merged(out: Path, ids, ref, dtype) -> dict:
+    """Reload the merged folder with plain transformers and compare logits to the adapter model's."""
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    m.eval()
+    got = _logits(m, ids)
+    diff = (got - ref).abs().max().item()
+    tol = merge_tolerance(dtype, ref)
+    if not diff <= tol:
+        raise RuntimeError(f"merged checkpoint {out} logits differ from the adapter model by {diff:.3g} > {tol:.3g}")
+    return {"parity_max_abs_logit_diff": diff, "parity_tolerance": tol}

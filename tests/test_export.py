@@ -1,0 +1,177 @@
+"""`lowbit export`: every format loaded back by its real consumer (peft, transformers+bitsandbytes,
+gguf.GGUFReader, transformers' GGUF loader) with matching logits."""
+import json
+
+import pytest
+import torch
+
+from lowbit.errors import UnsupportedModelError
+from lowbit.export.cli import main as cli
+from lowbit.export.gguf_writer import export_gguf
+from test_merge import TEXT, make_adapter
+
+# max |Δlogit| / max |logit| allowed against the dense model, per GGUF type (measured on these tiny
+# random models: F16 ≈ 4e-4, BF16 ≈ 7e-3, Q8_0 ≈ 2e-2, Q4_0 ≈ 0.37)
+GGUF_VS_DENSE = {"F16": 5e-3, "BF16": 3e-2, "Q8_0": 6e-2, "Q4_0": 0.6}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_run")
+    make_adapter(tiny_model_dirs("llama"), out)
+    return out
+
+
+def gemma3_head256(tmp_path):
+    """A tiny Gemma3 whose head_dim = query_pre_attn_scalar = 256, as in Gemma-3-270M: GGUF stores no
+    attention scalar, so llama.cpp and transformers' GGUF loader both assume these match."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from lowbit.testing.tiny import make_tokenizer
+    tok = make_tokenizer()
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256,
+                           sliding_window=64, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, so a missing/double "+1" would show
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.3)
+    m.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_peft_export_loads_in_peft_on_a_bitsandbytes_base(run_dir, tiny_model_dirs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lowbit.export.merge import load_adapter_model, resolve_adapter
+    assert cli(["export", str(run_dir), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists() and (tmp_path / "peft" / "lowbit_run.json").exists()
+    ours, tok = load_adapter_model(resolve_adapter(run_dir), compute_dtype="float32")
+    ids = tok([TEXT], return_tensors="pt").input_ids
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs("llama"), quantization_config=bnb_cfg,
+                                                dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, tmp_path / "peft")
+    theirs.train()  # bitsandbytes' eval CPU path repacks to bf16 (README); dropout is 0
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bnb4_export_bytes_match_lowbit_format(run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.format import quantize
+    assert cli(["export", str(run_dir), str(tmp_path / "bnb"), "--format", "bnb4"]) == 0
+    merged_dir = tmp_path / "merged"
+    assert cli(["export", str(run_dir), str(merged_dir), "--format", "merged", "--dtype", "float32"]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb")
+    lin = q.model.layers[1].mlp.down_proj
+    ours = quantize(dense.model.layers[1].mlp.down_proj.weight.detach(), 64, True, "nf4")
+    assert torch.equal(lin.weight.data.reshape(-1).view(torch.uint8), ours.codes_u8())
+
+
+@pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gguf_loads_back_with_matching_logits(arch, gguf_type, tiny_model_dirs, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.export.formats import verify_gguf
+    src = tiny_model_dirs("llama") if arch == "llama" else gemma3_head256(tmp_path / "g3")
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    out = tmp_path / f"model-{gguf_type}.gguf"
+    rep = export_gguf(dense, tok, out, gguf_type, progress=False)
+
+    reader = gguf.GGUFReader(str(out))
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == ("llama" if arch == "llama" else "gemma3")
+    assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == len(tok)
+    assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf_type and types["output_norm.weight"] == "F32"
+    assert ("output.weight" in types) == (arch == "llama")  # Gemma3 ties the head to the embedding
+
+    # transformers' GGUF loader == the decoded weights (tight), and ≈ the dense model (format tolerance)
+    v = verify_gguf(out, dense, tok, gguf_type)
+    ids = tok([TEXT], return_tensors="pt").input_ids
+    with torch.no_grad():
+        scale = dense(input_ids=ids).logits.abs().max().item()
+    assert v["gguf_reload_vs_decoded_max_abs_logit_diff"] < 1e-3 * max(scale, 1)
+    assert v["gguf_vs_dense_max_abs_logit_diff"] < GGUF_VS_DENSE[gguf_type] * scale
+    assert rep["tensor_types"][gguf_type] > 0
+
+    # the tokenizer rebuilt from the file splits text the same way (transformers' GPT-2 builder adds no BOS)
+    gtok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    want = tok(TEXT, add_special_tokens=False).input_ids
+    assert gtok(TEXT, add_special_tokens=False).input_ids == want
+
+
+def test_gemma3_norms_are_stored_plus_one(tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = gemma3_head256(tmp_path / "g3")
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    export_gguf(dense, AutoTokenizer.from_pretrained(src), tmp_path / "g.gguf", "F16", progress=False)
+    t = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "g.gguf")).tensors}
+    stored = torch.from_numpy(t["blk.0.attn_norm.weight"].data.copy())
+    torch.testing.assert_close(stored, dense.model.layers[0].input_layernorm.weight.detach() + 1)
+
+
+def test_llama_qk_rows_are_permuted_like_llama_cpp(tiny_model_dirs, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.export.gguf_writer import permute_qk
+    src = tiny_model_dirs("llama")
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    export_gguf(dense, AutoTokenizer.from_pretrained(src), tmp_path / "l.gguf", "F16", progress=False)
+    t = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "l.gguf")).tensors}
+    k = dense.model.layers[0].self_attn.k_proj.weight.detach()
+    stored = torch.from_numpy(t["blk.0.attn_k.weight"].data.astype("float32"))
+    torch.testing.assert_close(stored, permute_qk(k, 4, 2).half().float())
+    assert not torch.equal(stored, k.half().float())
+
+
+def test_gguf_export_from_adapter_via_cli(run_dir, tmp_path, capsys):
+    out = tmp_path / "tuned-Q8_0.gguf"
+    assert cli(["export", str(run_dir), str(out), "--format", "gguf", "--gguf-type", "Q8_0"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert out.exists() and rep["tensor_types"]["Q8_0"] == 16  # 14 linears + token_embd + output
+    assert rep["gguf_reload_vs_decoded_max_abs_logit_diff"] < 1e-3
+    # refuses to overwrite; the existing file is untouched
+    before = out.read_bytes()
+    assert cli(["export", str(run_dir), str(out), "--format", "gguf"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    assert out.read_bytes() == before
+
+
+def test_gguf_refuses_unsupported_architecture(tiny_model_dirs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = tiny_model_dirs("qwen2")
+    with pytest.raises(UnsupportedModelError, match="GGUF export supports"):
+        export_gguf(AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src), tmp_path / "q.gguf")
+    assert cli(["export", str(src), str(tmp_path / "q.gguf"), "--format", "gguf"]) == 2
+    assert "GGUF export supports" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_write_is_atomic(tiny_model_dirs, tmp_path, monkeypatch):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = tiny_model_dirs("llama")
+
+    def boom(self, *a, **k):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError):
+        export_gguf(AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src), tmp_path / "x.gguf",
+                    progress=False)
+    assert list(tmp_path.iterdir()) == []
