@@ -4,7 +4,6 @@ noisy machine."""
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 import time
 from pathlib import Path

@@ -12,7 +12,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 METHODS = ("lowbit_nf4", "transformers_bnb_nf4", "transformers_bf16")
 
@@ -70,7 +69,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     from lowbit.utils.io import write_json
     write_json(a.out, {"model": a.model, "rows": rows})
-    print(f"\n| method | load s | model MB | peak RSS MB | peak − imports MB |\n|---|---|---|---|---|")
+    print("\n| method | load s | model MB | peak RSS MB | peak − imports MB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['load_s']} | {r['model_mb']} | {r['peak_rss_mb']} | {r['peak_minus_imports_mb']} |")
 

@@ -9,9 +9,7 @@ model, with no hub access. Idempotent: an existing complete folder is kept.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 DEFAULT_OUT = Path(".cache/models/gemma-3-270m")
@@ -35,18 +33,10 @@ def prepare(out: Path = DEFAULT_OUT, overwrite: bool = False) -> Path:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # write into a temp folder beside the target, then rename: never a half-written model
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from lowbit.utils.io import atomic_dir
+    with atomic_dir(out, overwrite=True) as tmp:  # never a half-written model under the final name
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"saved {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M-parameter model to {out}")
     return out
 

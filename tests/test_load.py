@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from lowbit.errors import InputError, UnsupportedModelError
 from lowbit.format import dequantize_reference, quantize

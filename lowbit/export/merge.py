@@ -6,35 +6,23 @@ not the original dense checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
+from ..models.load import as_dtype
+from ..utils.io import atomic_dir
 from .loftq import LOFTQ_BASE_FILE, load_loftq_base
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
 RUN_FILE = "lowbit_run.json"
 
 
 class BaseMismatchError(InputError):
     """The adapter was trained on a different base model than the one given."""
-
-
-def as_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype {name!r} unknown; choose one of bfloat16, float16, float32")
-    return _DTYPES[name]
 
 
 @dataclass
@@ -181,32 +169,6 @@ def _linear(w: torch.Tensor, bias, dtype) -> nn.Linear:
     if bias is not None:
         lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
     return lin
-
-
-@contextlib.contextmanager
-def atomic_dir(path, overwrite: bool = False):
-    """Yield a temp folder beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():  # move the old one aside first so the final name is never half-filled
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_hf_model(model: nn.Module, tok, out, overwrite: bool = False, extra: dict | None = None) -> Path:

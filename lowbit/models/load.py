@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..modules.linear4bit import Linear4bit
 from .safetensors_stream import iter_tensors, tensor_names
 
@@ -25,7 +25,7 @@ def as_dtype(d) -> torch.dtype:
     if isinstance(d, torch.dtype):
         return d
     if d not in _DTYPES:
-        raise ValueError(f"unknown dtype {d!r}; choose one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {d!r}; choose one of {', '.join(_DTYPES)}")
     return _DTYPES[d]
 
 

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from .. import __version__
 from ..errors import ConfigError, InputError, TrainingError
-from ..utils.io import write_json
+from ..utils.io import atomic_dir, write_json
 from .callbacks import JsonlLogger, StopOnNonFinite
 from .config import RunConfig
 from .data import Collator, build_datasets
@@ -87,17 +86,9 @@ def _resume_arg(cfg: RunConfig, out: Path):
 
 
 def _save_adapter(model, out: Path) -> Path:
-    final = out / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
-    try:
+    with atomic_dir(out / "adapter", overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return out / "adapter"
 
 
 def run(cfg: RunConfig) -> dict:
