@@ -111,3 +111,21 @@ def test_torch_compile_traces_through_the_ops():
     x = torch.randn(4, 128)
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("shape", [(33, 64), (8, 1024), (5, 4096)])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fused_gemv_matches_reference(shape, blocksize, quant_type, double_quant):
+    # bf16 rows ≤ 16 take the fused AVX-512 kernel (x permuted, bf16 code values, fp32
+    # accumulation): equal to the fp32 product of the reference weight up to bf16 rounding
+    torch.manual_seed(shape[0])
+    q = quantize(torch.randn(shape), blocksize, double_quant, quant_type)
+    w = dequantize_reference(q, torch.float32)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+        y = torch.ops.lowbit.gemv_4bit(x, *state_args(q))
+        yr = x.float() @ w.t()
+        err = (y.float() - yr).abs().max().item()
+        assert err <= 1e-2 * (x.float().abs() @ w.abs().t()).max().item(), (rows, err)
