@@ -24,6 +24,11 @@ def check_quant_type(quant_type: str) -> None:
         raise ValueError(f"invalid quant_type {quant_type!r}: choose one of {', '.join(QUANT_TYPES)}")
 
 
+def check_weight_dtype(w: torch.Tensor) -> None:
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"quantize expects a float32/bfloat16/float16 tensor, got {w.dtype}")
+
+
 def _absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = flat.numel()
     rem = n % blocksize

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .blockwise import (check_blocksize, check_quant_type, dequantize_4bit_values,
+from .blockwise import (check_blocksize, check_quant_type, check_weight_dtype, dequantize_4bit_values,
                         dequantize_blockwise_8bit, quantize_4bit_packed, quantize_blockwise_8bit)
 from .codes import NESTED_BLOCKSIZE, code_4bit, dynamic_map
 
@@ -82,9 +82,9 @@ class Quantized4bit:
     def with_storage(self, storage_dtype: torch.dtype) -> "Quantized4bit":
         """Same bytes, viewed as another container dtype (uint8, bfloat16, float32...)."""
         u8 = self.codes_u8()
-        if u8.numel() % torch.empty((), dtype=storage_dtype).element_size():
-            u8 = torch.nn.functional.pad(u8, (0, torch.empty((), dtype=storage_dtype).element_size()
-                                              - u8.numel() % torch.empty((), dtype=storage_dtype).element_size()))
+        size = torch.empty((), dtype=storage_dtype).element_size()
+        if u8.numel() % size:  # pad to whole container elements; dequantize reads only the first n codes
+            u8 = torch.nn.functional.pad(u8, (0, size - u8.numel() % size))
         return replace(self, packed=u8.view(storage_dtype).unsqueeze(1))
 
     # --- serialization: the transformers / bitsandbytes state-dict layout -------------
@@ -152,8 +152,7 @@ class Quantized4bit:
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
              storage_dtype: torch.dtype = torch.uint8) -> Quantized4bit:
     """Quantize a fp32/bf16/fp16 tensor of any shape to NF4/FP4 (bitsandbytes-identical bytes)."""
-    if w.dtype not in _DTYPES.values():
-        raise TypeError(f"quantize expects a float32/bfloat16/float16 tensor, got {w.dtype}")
+    check_weight_dtype(w)
     packed, absmax = quantize_4bit_packed(w, blocksize, quant_type)
     q = Quantized4bit(packed=packed, absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize,
                       quant_type=quant_type, code=code_4bit(quant_type, w.device))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..format import Quantized4bit
-from ..format.blockwise import check_blocksize, check_quant_type
+from ..format.blockwise import check_blocksize, check_quant_type, check_weight_dtype
 from ..format.codes import code_4bit
 from ..format.tensor import double_quantize
 from . import ops
@@ -36,8 +36,7 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4") -> Quantized4bit:
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"quantize expects a float32/bfloat16/float16 tensor, got {w.dtype}")
+    check_weight_dtype(w)
     ensure_backends()
     packed, absmax = torch.ops.lowbit.quantize_4bit(w, blocksize, quant_type)
     q = Quantized4bit(packed=packed, absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize,

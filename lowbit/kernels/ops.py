@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..format.blockwise import dequantize_4bit_values, quantize_4bit_packed
+from ..format.blockwise import dequantize_4bit_values, dequantize_blockwise_8bit, quantize_4bit_packed
 from ..format.tensor import Quantized4bit
 
 _STATE = "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, " \
@@ -28,10 +28,7 @@ for _schema in SCHEMAS.values():
 def _absmax_fp32(absmax, nested_absmax, nested_code, offset, nested_blocksize=256):
     if absmax.dtype != torch.uint8:
         return absmax.float()
-    vals = nested_code[absmax.long()]
-    n = vals.numel()
-    scale = nested_absmax.repeat_interleave(nested_blocksize)[:n]
-    return vals * scale + offset
+    return dequantize_blockwise_8bit(absmax, nested_absmax, nested_blocksize, nested_code) + offset
 
 
 def state_args(q: Quantized4bit) -> tuple:

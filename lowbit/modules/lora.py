@@ -7,7 +7,6 @@ which merges by dequantize → add → requantize, as peft does for bitsandbytes
 from __future__ import annotations
 
 import re
-import warnings
 
 import torch
 from torch import nn
@@ -137,8 +136,3 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
             model.config.use_cache = False
     return model
 
-
-def warn_once(msg: str, _seen=set()) -> None:  # noqa: B006 - deliberate module-level memo
-    if msg not in _seen:
-        _seen.add(msg)
-        warnings.warn(msg, stacklevel=2)
