@@ -184,8 +184,9 @@ def _build(cls, data: dict, where: str):
                 f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{full}'{hint}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, full)
+        sub = _dataclass_arm(tp)
+        if sub is not None and (value is not None or tp is sub):
+            kwargs[key] = _build(sub, value or {}, full)
             continue
         ok, coerced = _type_ok(value, tp)
         if not ok:
@@ -194,6 +195,14 @@ def _build(cls, data: dict, where: str):
             raise ConfigError(f"config key '{full}' must be one of {', '.join(CHOICES[full])}, got {coerced!r}")
         kwargs[key] = coerced
     return cls(**kwargs)
+
+
+def _dataclass_arm(tp):
+    """The dataclass in `X` or `X | None` annotations (optional sections such as qat.weight)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    arms = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    return arms[0] if len(arms) == 1 else None
 
 
 def _type_name(tp) -> str:
