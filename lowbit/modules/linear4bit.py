@@ -9,6 +9,8 @@ backward sees (the bitsandbytes CPU bug).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -56,7 +58,10 @@ class Linear4bit(nn.Linear):
     def set_weight(self, w: torch.Tensor) -> None:
         """Requantize from a dense weight with this layer's settings (used by merge/unmerge)."""
         m = self._meta
-        q = kernels.quantize_4bit(w.to(m["dtype"]), m["blocksize"], self.nested_absmax is not None, m["quant_type"])
+        # quantize the (fp32) merged weight as given, as the bnb4 export does: no extra rounding to the old dtype
+        q = kernels.quantize_4bit(w.detach().contiguous(), m["blocksize"], self.nested_absmax is not None,
+                                  m["quant_type"])
+        q = dataclasses.replace(q, dtype=m["dtype"])
         storage = self.weight.dtype
         self._set_quant(q if storage == torch.uint8 else q.with_storage(storage))
 

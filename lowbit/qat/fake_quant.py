@@ -94,13 +94,16 @@ class FakeQuantizer(nn.Module):
 
 def nf4_roundtrip(w: torch.Tensor, cfg: QuantizerConfig, weight_dtype: torch.dtype | None,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """deq(quant(w)) in bitsandbytes' NF4 format — the same calls a 4-bit merge/export makes."""
+    """deq(quant(w)) in bitsandbytes' NF4 format — what a 4-bit merge/export of w stores."""
     from .. import kernels
-    q = nf4_quantize(w, cfg, weight_dtype)
-    return kernels.dequantize_4bit(q, out_dtype)
+    return kernels.dequantize_4bit(nf4_quantize(w, cfg, weight_dtype), out_dtype)
 
 
 def nf4_quantize(w: torch.Tensor, cfg: QuantizerConfig, weight_dtype: torch.dtype | None):
+    """Quantize from fp32 — as `Linear4bit.set_weight` and `lowbit export --format bnb4` do — and
+    record the layer's original dtype in the quant state."""
+    import dataclasses
+
     from .. import kernels
-    return kernels.quantize_4bit(w.detach().to(weight_dtype or w.dtype).contiguous(), cfg.group_size,
-                                 cfg.double_quant, "nf4")
+    q = kernels.quantize_4bit(w.detach().float().contiguous(), cfg.group_size, cfg.double_quant, "nf4")
+    return dataclasses.replace(q, dtype=weight_dtype or w.dtype)
