@@ -18,7 +18,12 @@ def _load_accelerate(path: Path):
     ClusterConfig.from_yaml_file(str(path))  # accelerate's own parser: unknown keys raise
 
 
-LOADERS = {"qlora": load_config, "tiny": load_config, "accelerate": _load_accelerate}
+def _load_qat(path: Path):
+    from lowbit.qat import resolve
+    resolve(str(path))
+
+
+LOADERS = {"qlora": load_config, "tiny": load_config, "accelerate": _load_accelerate, "qat": _load_qat}
 
 
 def test_there_are_configs():

@@ -95,12 +95,22 @@ class EvalConfig:
 
 
 @dataclass
+class QatSection:
+    """Quantization-aware training on top of the run's LoRA (merge-aware: the merged weight is fake-quantized)."""
+    scheme: str = ""              # "" = off; a preset (w4a8kv8, nf4, ...) or a YAML file such as configs/qat/nf4.yaml
+    start_step: int | None = None  # overrides every quantizer's start_step (fake quant from this step on)
+    kv_position: str | None = None  # overrides the scheme's kv_position (pre_rope | post_rope)
+    save_quantized: bool = True   # convert at the end and save the deployment model to <output_dir>/quantized
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    qat: QatSection = field(default_factory=QatSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,6 +123,7 @@ CHOICES = {
     "data.format": ("text", "prompt_completion", "chat"),
     "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
     "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
+    "qat.kv_position": ("pre_rope", "post_rope"),
 }
 
 
@@ -258,3 +269,24 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("train.max_steps=0 trains nothing; use -1 for epochs or a positive number")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.qat.scheme:
+        qat_config(cfg)  # resolvable, and compatible with the LoRA settings
+
+
+def qat_config(cfg: RunConfig):
+    """The run's `lowbit.qat.QATConfig` (None when qat.scheme is empty), with the section's overrides."""
+    if not cfg.qat.scheme:
+        return None
+    from ..qat.config import resolve
+    q = resolve(cfg.qat.scheme)
+    if cfg.qat.kv_position is not None:
+        q.kv_position = cfg.qat.kv_position
+    if cfg.qat.start_step is not None:
+        for role in (q.weight, q.activation, q.kv):
+            if role is not None:
+                role.start_step = cfg.qat.start_step
+    q.check()
+    if q.weight is not None and cfg.lora.dropout:
+        raise ConfigError(f"qat.scheme {cfg.qat.scheme!r} fake-quantizes the merged weight deq(W) + s·BA, which LoRA "
+                          f"dropout cannot pass through; set lora.dropout: 0 (got {cfg.lora.dropout})")
+    return q

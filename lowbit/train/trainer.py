@@ -20,6 +20,7 @@ from transformers import Trainer, TrainingArguments
 from .. import __version__
 from ..errors import ConfigError, InputError, TrainingError
 from ..utils.io import atomic_dir, write_json
+from . import qat_run
 from .callbacks import JsonlLogger, StopOnNonFinite
 from .config import RunConfig
 from .data import Collator, build_datasets
@@ -35,8 +36,20 @@ class LowbitTrainer(Trainer):
         super().__init__(*a, **kw)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                              self.lowbit_cfg.train.loss_chunk_tokens)
+        chunk = self.lowbit_cfg.train.loss_chunk_tokens
+        inner = self.accelerator.unwrap_model(model)
+        if inner is model:
+            loss = causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"), chunk)
+        else:
+            # [issue 7 / lowbit.scale] a DDP/DeepSpeed wrapper only all-reduces gradients (ZeRO-3: gathers
+            # params) for a forward that goes through it, so run the chunked loss as the inner forward
+            inner.forward = lambda input_ids, labels, attention_mask=None: causal_lm_loss(
+                inner, input_ids, labels, attention_mask, chunk)
+            try:
+                loss = model(input_ids=inputs["input_ids"], labels=inputs["labels"],
+                             attention_mask=inputs.get("attention_mask"))
+            finally:
+                del inner.forward
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at step {self.state.global_step}; stopping. The last "
                                 f"good checkpoint in {self.args.output_dir} is kept — lower train.lr or check the data")
@@ -115,6 +128,7 @@ def run(cfg: RunConfig) -> dict:
     lc = cfg.lora
     model = add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
                      use_rslora=lc.use_rslora, use_dora=lc.use_dora)
+    model, qcfg = qat_run.prepare(model, cfg)
     metrics: dict = {"train_examples": len(train_ex), "eval_examples": len(eval_ex)}
     chunk = cfg.train.loss_chunk_tokens
     if eval_ex and cfg.eval.before:
@@ -132,6 +146,8 @@ def run(cfg: RunConfig) -> dict:
         dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
         ddp_find_unused_parameters=False)
     callbacks = [StopOnNonFinite()] + ([JsonlLogger(out / "logs.jsonl")] if "jsonl" in t.report_to else [])
+    if qcfg is not None:
+        callbacks.append(qat_run.QATStep(model))
     trainer = LowbitTrainer(model=model, args=args, train_dataset=train_ex, data_collator=collate,
                             callbacks=callbacks, lowbit_cfg=cfg)
     result = trainer.train(resume_from_checkpoint=_resume_arg(cfg, out))
@@ -139,6 +155,9 @@ def run(cfg: RunConfig) -> dict:
                     "train_runtime_s": result.metrics.get("train_runtime")})
     if not math.isfinite(result.training_loss):
         raise TrainingError(f"training loss is {result.training_loss}; adapters not saved")
+    if qcfg is not None:
+        from ..qat import set_step
+        set_step(model, result.global_step)  # evaluate (and save) the model as it trained last
     if eval_ex and cfg.eval.after:
         metrics["eval_ppl_after"] = perplexity(model, eval_ex, collate, cfg.eval.batch_size, chunk, "eval after")
         before = metrics.get("eval_ppl_before")
@@ -153,4 +172,9 @@ def run(cfg: RunConfig) -> dict:
             "metrics": metrics, "torch": torch.__version__, "python": platform.python_version(),
             "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
         print(f"adapters saved to {adapter}", flush=True)
+        if qcfg is not None:
+            qat_run.save_state(model, out)
+            if cfg.qat.save_quantized:
+                print(f"quantized model saved to {qat_run.save_quantized(model, tok, out, result.global_step)}",
+                      flush=True)
     return metrics

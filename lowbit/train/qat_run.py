@@ -1,0 +1,54 @@
+"""The QAT part of a training run: prepare after LoRA, step the quantizers, save what deploys."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .config import RunConfig, qat_config
+
+
+class QATStep(TrainerCallback):
+    """Quantizers with a start_step switch on at that optimizer step (and stay on for eval)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kw):
+        from ..qat import set_step
+        set_step(self.model, state.global_step)
+
+
+def prepare(model, cfg: RunConfig):
+    """(model with fake quantizers, QATConfig) — or (model, None) when qat.scheme is empty."""
+    q = qat_config(cfg)
+    if q is None:
+        return model, None
+    from .. import qat
+    qat.prepare(model, q)
+    n = len(qat.quantizers(model))
+    print(f"QAT {q.name or cfg.qat.scheme}: {n} fake quantizers (kv {q.kv_position if q.kv else 'off'})", flush=True)
+    return model, q
+
+
+def save_state(model, out: Path) -> Path | None:
+    """Learned scales and calibrated ranges (the adapter files do not hold them)."""
+    from .. import qat
+    from ..utils.io import save_safetensors
+    state = {f"{n}.{k}": v for n, m in model.named_modules() if isinstance(m, qat.FakeQuantizer)
+             for k, v in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))}
+    if not state:
+        return None
+    cfg = getattr(model, "lowbit_qat_config", None) or getattr(model.get_base_model(), "lowbit_qat_config", None)
+    import json
+    save_safetensors(state, out / "qat_state.safetensors",
+                     metadata={"format": "lowbit.qat_state", "version": "1", "qat_config": json.dumps(cfg.to_dict())})
+    return out / "qat_state.safetensors"
+
+
+def save_quantized(model, tok, out: Path, global_step: int) -> Path:
+    """convert (merges LoRA into the quantized weights, in place) and save the deployment model."""
+    from .. import qat
+    qat.set_step(model, global_step)
+    converted = qat.convert(model)
+    return qat.save_quantized(converted, out / "quantized", tok, overwrite=True)
