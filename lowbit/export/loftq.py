@@ -21,6 +21,7 @@ Entry points:
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from .loftq_calibration import Whitening, lapack_threads
 from .quantizers import BaseQuantizer
 
 LOFTQ_BASE_FILE = "loftq_base.safetensors"
@@ -60,6 +62,7 @@ class LayerReport:
     errors: list[float]          # [zero-init, after iter 1, ..., after iter T]
     best_iter: int
     seconds: float
+    metric: str = "weight"       # weight: ‖E‖/‖W‖; activation: ‖E·H^½‖/‖W·H^½‖ (calibrated)
 
     @property
     def zero_init_error(self) -> float:
@@ -70,16 +73,19 @@ class LayerReport:
         return self.errors[self.best_iter]
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "errors": self.errors, "best_iter": self.best_iter,
-                "zero_init_error": self.zero_init_error, "loftq_error": self.final_error, "seconds": self.seconds}
+        return {"name": self.name, "shape": list(self.shape), "metric": self.metric, "errors": self.errors,
+                "best_iter": self.best_iter, "zero_init_error": self.zero_init_error, "loftq_error": self.final_error,
+                "seconds": self.seconds}
 
 
 def loftq_weight(w: torch.Tensor, quantizer: BaseQuantizer, r: int, scaling: float, iters: int = 5,
-                 svd: str = "full", oversample: int = 8, niter: int = 4, device=None):
-    """LoftQ on one weight → (quant state, A (r, in) fp32, B (out, r) fp32, errors).
+                 svd: str = "full", oversample: int = 8, niter: int = 4, device=None, whiten: Whitening | None = None):
+    """LoftQ on one weight → (quant state, A (r, in) fp32, B (out, r) fp32, errors, best iteration).
 
     `w` keeps its dtype for quantization (so the base bytes match a plain load of that
     checkpoint); residuals and SVD run in fp32 on `device` (default: w's device).
+    With `whiten` (R = H^{1/2} of the layer's inputs) the low-rank step minimises the output
+    error ‖(W − deq(Q) − sBA)·R‖ instead of the weight error, and `errors` are in that metric.
     """
     if iters < 1:
         raise ConfigError(f"LoftQ needs at least 1 iteration, got {iters}")
@@ -92,19 +98,31 @@ def loftq_weight(w: torch.Tensor, quantizer: BaseQuantizer, r: int, scaling: flo
     device = torch.device(device) if device is not None else w.device
     w = w.to(device)
     w32 = w.float()
-    norm = w32.norm().clamp_min(1e-30)
+    R = Rinv = None
+    if whiten is not None:
+        if whiten.sqrt.shape != (w.shape[1], w.shape[1]):
+            raise ConfigError(f"calibration moment of shape {tuple(whiten.sqrt.shape)} does not fit a weight of "
+                              f"shape {tuple(w.shape)}")
+        R, Rinv = whiten.sqrt.to(device), whiten.inv_sqrt.to(device)
+    metric = (lambda e: e) if R is None else (lambda e: e @ R)  # noqa: E731
+    norm = metric(w32).norm().clamp_min(1e-30)
     state, deq = quantizer(w)
-    errors = [((w32 - deq).norm() / norm).item()]
+    errors = [(metric(w32 - deq).norm() / norm).item()]
     best = (state, None, None)
     low = torch.zeros_like(w32)
     for _ in range(iters):
         if len(errors) > 1:  # iteration 1 reuses quantize(W) from the zero-init error above
             state, deq = quantizer((w32 - low).to(w.dtype))
-        U, S, Vh = _rank_r(w32 - deq, r, svd, oversample, niter)
-        sq = S.sqrt() / math.sqrt(scaling)
+        res = w32 - deq
+        m = metric(res)
+        with lapack_threads(device):
+            U, S, Vh = _rank_r(m, r, svd, oversample, niter)
+        if Rinv is not None:
+            Vh = Vh @ Rinv  # un-whiten: the rank-r term of res·R, mapped back to weight space
+        sq = S.sqrt() / math.sqrt(scaling)  # peft applies s·B·A: each factor carries 1/√s
         B, A = U * sq, sq[:, None] * Vh
         low = scaling * (B @ A)
-        errors.append(((w32 - deq - low).norm() / norm).item())
+        errors.append((metric(res - low).norm() / norm).item())
         if errors[-1] <= min(errors[:-1]):
             best = (state, A, B)
     best_iter = min(range(len(errors)), key=errors.__getitem__)
@@ -126,9 +144,10 @@ class LoftQResult:
     quant_type: str
     blocksize: int
     double_quant: bool
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)  # module -> (A, B)
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    calibration: dict | None = None  # file, samples, seq_len, damp, seconds (activation-aware LoftQ)
 
     def summary(self) -> dict:
         def rel_sum(key):  # energy-weighted over layers: Σ err² ‖W‖² would need norms; use mean
@@ -136,6 +155,7 @@ class LoftQResult:
         return {"r": self.r, "alpha": self.alpha, "use_rslora": self.use_rslora, "scaling": self.scaling,
                 "iters": self.iters, "svd": self.svd, "quant_type": self.quant_type, "blocksize": self.blocksize,
                 "double_quant": self.double_quant, "layers": len(self.layers), "seconds": self.seconds,
+                "calibration": self.calibration, "metric": "activation" if self.calibration else "weight",
                 "mean_zero_init_error": rel_sum("zero_init_error"), "mean_loftq_error": rel_sum("final_error")}
 
     def report(self) -> dict:
@@ -185,8 +205,9 @@ def _one_layer(result, quantizer, name, w, lora_targets, kw, bar):
     t0 = time.perf_counter()
     if name in lora_targets:
         state, A, B, errors, best = loftq_weight(w, quantizer, result.r, result.scaling, result.iters, result.svd, **kw)
-        result.lora[name] = (A, B)
-        result.layers.append(LayerReport(name, tuple(w.shape), errors, best, time.perf_counter() - t0))
+        result.lora[name] = None if A is None else (A, B)  # None: zero-init was best, keep peft's init
+        result.layers.append(LayerReport(name, tuple(w.shape), errors, best, time.perf_counter() - t0,
+                                         "weight" if kw.get("whiten") is None else "activation"))
     else:  # quantized but not adapted: nothing to compensate with
         state, _ = quantizer(w)
         if hasattr(state, "to"):
@@ -311,12 +332,14 @@ def apply_loftq(peft_model, result: LoftQResult, adapter_name: str = "default") 
         if mod.r[adapter_name] != result.r or not math.isclose(mod.scaling[adapter_name], result.scaling):
             raise ConfigError(f"peft adapter has r={mod.r[adapter_name]}, scaling={mod.scaling[adapter_name]} but LoftQ "
                               f"ran with r={result.r}, scaling={result.scaling}; use the same lora.r/alpha/use_rslora")
+        n += 1
+        if result.lora[name] is None:  # plain quantization was already the best start: peft's zero-init B
+            continue
         A, B = result.lora[name]
         la, lb = mod.lora_A[adapter_name].weight, mod.lora_B[adapter_name].weight
         with torch.no_grad():
             la.copy_(A.to(la.dtype))
             lb.copy_(B.to(lb.dtype))
-        n += 1
     if n != len(result.lora):
         raise ConfigError(f"peft model has {n} LoRA layers but LoftQ computed {len(result.lora)}; "
                           "use the same lora.target_modules for both")
@@ -324,20 +347,111 @@ def apply_loftq(peft_model, result: LoftQResult, adapter_name: str = "default") 
     return n
 
 
+def loftq_requantize(model: nn.Module, path, *, r: int = 16, alpha: float = 32, use_rslora: bool = False,
+                     target_modules="all-linear", iters: int = 5, svd: str = "lowrank", moments: dict | None = None,
+                     damp: float = 0.01, device=None, progress: bool = True, oversample: int = 8,
+                     niter: int = 4) -> LoftQResult:
+    """LoftQ in place on a model `lowbit.models.load_model` built from checkpoint `path`.
+
+    The dense weights are streamed from `path` again one tensor at a time and each adapted
+    `Linear4bit` gets new bytes (same quant type/blocksize/double quant it was loaded with), so
+    peak RAM is the 4-bit model plus one dense layer (plus the calibration moments, if any).
+    `moments` (name → H from `input_moments`) switches to activation-aware LoftQ.
+    """
+    from tqdm.auto import tqdm
+
+    from ..models.load import _release_freed_memory, _weight_files
+    from ..models.safetensors_stream import iter_tensors
+    from ..modules.linear4bit import Linear4bit
+    from .loftq_calibration import whitening
+    if hasattr(model, "get_base_model"):
+        raise ConfigError("run LoftQ on the 4-bit model before add_lora (then apply_loftq to the peft model)")
+    q4 = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    if not q4:
+        raise ConfigError("LoftQ needs a 4-bit base: load the model with model.quant.load_in_4bit=true")
+    targets = _lora_targets(model, target_modules, ()) & set(q4)
+    if not targets:
+        raise ConfigError(f"lora.target_modules={target_modules!r} matches no 4-bit Linear; nothing for LoftQ to do")
+    if moments is not None and set(moments) != targets:
+        raise ConfigError("calibration moments were collected for other layers than the LoRA targets")
+    first = q4[min(targets)]
+    # the exact settings the model was loaded with, so a LoftQ base is byte-compatible with training's
+    quantizer = BaseQuantizer(first._meta["quant_type"], first._meta["blocksize"], first.nested_absmax is not None)
+    result = _new_result(r, alpha, use_rslora, iters, svd, quantizer)
+    white: dict[int, Whitening] = {}  # per distinct H: q/k/v (gate/up) share one
+    keys = {f"{n}.weight": n for n in targets}
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(keys), desc=f"LoftQ r={r} T={iters}" + (" calibrated" if moments else ""), unit="layer",
+               disable=not progress)
+    for f in _weight_files(Path(path)):
+        for key, w in iter_tensors(f, keys=set(keys)):
+            name = keys.pop(key)
+            mod = q4[name]
+            if tuple(w.shape) != (mod.out_features, mod.in_features):
+                raise InputError(f"checkpoint tensor {key} has shape {tuple(w.shape)}, the model expects "
+                                 f"{(mod.out_features, mod.in_features)}; pass the checkpoint the model was loaded from")
+            wh = None
+            if moments is not None:
+                H = moments[name]
+                wh = white.get(id(H)) or white.setdefault(id(H), whitening(H, damp))
+            state = _one_layer(result, quantizer, name, w, targets,
+                               dict(oversample=oversample, niter=niter, device=device, whiten=wh), bar)
+            dev = mod.weight.device
+            mod._set_quant(state.to(dev) if mod.weight.dtype == torch.uint8
+                           else state.to(dev).with_storage(mod.weight.dtype))
+            bar.update(1)
+            del w, state
+            _release_freed_memory()
+    bar.close()
+    if keys:
+        raise InputError(f"checkpoint {path} lacks {len(keys)} weights LoftQ needs, e.g. {sorted(keys)[:3]}")
+    result.seconds = time.perf_counter() - t0
+    model.config.lowbit_loftq = {k: v for k, v in result.summary().items() if k != "seconds"}
+    return result
+
+
+def loftq_calibrated(model: nn.Module, tok, path, calibration, *, samples: int = 64, seq_len: int = 256,
+                     damp: float = 0.01, progress: bool = True, **kw) -> LoftQResult:
+    """Activation-aware LoftQ: collect H from `calibration` (a text file) on `model`, then `loftq_requantize`."""
+    from .loftq_calibration import calibration_batches, input_moments
+    t0 = time.perf_counter()
+    targets = _lora_targets(model, kw.get("target_modules", "all-linear"), ())
+    ids = calibration_batches(tok, calibration, samples, seq_len)
+    moments = input_moments(model, ids, targets, progress=progress)
+    t_cal = time.perf_counter() - t0
+    result = loftq_requantize(model, path, moments=moments, damp=damp, progress=progress, **kw)
+    result.calibration = {"file": str(calibration), "samples": samples, "seq_len": seq_len, "damp": damp,
+                          "tokens": int(ids.numel()), "seconds": round(t_cal, 2)}
+    result.seconds += t_cal
+    model.config.lowbit_loftq = {k: v for k, v in result.summary().items() if k != "seconds"}
+    return result
+
+
 def loftq_init(path, *, r: int = 16, alpha: float = 32, dropout: float = 0.05, target_modules="all-linear",
                use_rslora: bool = False, iters: int = 5, svd: str = "full", quant_type: str = "nf4",
                blocksize: int = 64, double_quant: bool = True, compute_dtype="bfloat16", storage_dtype="uint8",
-               skip_modules=("lm_head",), gradient_checkpointing: bool = False, device=None, progress: bool = True):
-    """Load `path` with LoftQ and wrap it in LoRA adapters initialized from it → (peft_model, tok, result)."""
+               skip_modules=("lm_head",), gradient_checkpointing: bool = False, device=None, progress: bool = True,
+               calibration=None, calibration_samples: int = 64, calibration_seq_len: int = 256,
+               damp: float = 0.01):
+    """Load `path` with LoftQ and wrap it in LoRA adapters initialized from it → (peft_model, tok, result).
+
+    `calibration` (a text file) selects activation-aware LoftQ (see `loftq_calibration`).
+    """
+    from ..models import load_model
     from ..modules.lora import add_lora, prepare_for_kbit_training
     if quant_type not in ("nf4", "fp4"):
         raise ConfigError(f"a trainable 4-bit base needs quant_type nf4 or fp4, got {quant_type!r}; intN LoftQ is "
                           "available through loftq_quantize_model for fake-quantized dense bases")
-    model, tok, result = loftq_load_model(path, r=r, alpha=alpha, use_rslora=use_rslora, target_modules=target_modules,
-                                          iters=iters, svd=svd, quant_type=quant_type, blocksize=blocksize,
-                                          double_quant=double_quant, compute_dtype=compute_dtype,
-                                          storage_dtype=storage_dtype, skip_modules=skip_modules, device=device,
-                                          progress=progress)
+    model, tok = load_model(path, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                            compute_dtype=compute_dtype, storage_dtype=storage_dtype, skip_modules=skip_modules,
+                            progress=progress)
+    kw = dict(r=r, alpha=alpha, use_rslora=use_rslora, target_modules=target_modules, iters=iters, svd=svd,
+              device=device, progress=progress)
+    if calibration is not None:
+        result = loftq_calibrated(model, tok, path, calibration, samples=calibration_samples,
+                                  seq_len=calibration_seq_len, damp=damp, **kw)
+    else:
+        result = loftq_requantize(model, path, **kw)
     prepare_for_kbit_training(model, gradient_checkpointing)
     pm = add_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, use_rslora=use_rslora)
     apply_loftq(pm, result)
@@ -392,3 +506,83 @@ def load_loftq_base(model: nn.Module, path) -> int:
                        else q.to(mod.weight.device).with_storage(mod.weight.dtype))
         n += 1
     return n
+
+
+LOFTQ_REPORT_FILE = "loftq_report.json"
+
+
+def file_sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class RunLoftQ:
+    """What the trainer needs from LoftQ: the factors to copy into the adapters (None when resuming
+    from a checkpoint, which holds trained ones) and the record for lowbit_run.json."""
+
+    result: LoftQResult | None
+    record: dict
+
+
+def loftq_for_run(model: nn.Module, tok, cfg, out, resuming: bool = False, progress: bool = True) -> RunLoftQ:
+    """`lora.init: loftq` in the trainer: requantize the freshly loaded 4-bit `model` in place and save
+    its base (`loftq_base.safetensors`, hashed into the record) and the per-layer error report in `out`.
+
+    A resumed run reloads the saved base instead: its checkpoints were trained against those bytes.
+    """
+    import os
+
+    from ..utils.io import write_json
+    out = Path(out)
+    lc, lq = cfg.lora, cfg.lora.loftq
+    base_file = out / LOFTQ_BASE_FILE
+    if resuming and base_file.exists():
+        load_loftq_base(model, base_file)
+        report = out / LOFTQ_REPORT_FILE
+        summary = json.loads(report.read_text()) if report.exists() else {}
+        summary = {k: v for k, v in summary.items() if k != "per_layer"}
+        return RunLoftQ(None, {**summary, "base_file": LOFTQ_BASE_FILE, "base_sha256": file_sha256(base_file),
+                               "reused_on_resume": True})
+    if resuming:
+        raise InputError(f"resuming a lora.init=loftq run needs the LoftQ base it trained on, {base_file}, which is "
+                         "missing; start a fresh run (train.resume_from=none)")
+    kw = dict(r=lc.r, alpha=lc.alpha, use_rslora=lc.use_rslora, target_modules=lc.target_modules, iters=lq.iters,
+              svd=lq.svd, progress=progress)
+    if lq.calibration:
+        result = loftq_calibrated(model, tok, cfg.model.path, lq.calibration, samples=lq.calibration_samples,
+                                  seq_len=lq.calibration_seq_len, damp=lq.damp, **kw)
+    else:
+        result = loftq_requantize(model, cfg.model.path, **kw)
+    s = result.summary()
+    print(f"LoftQ ({s['metric']} error, {s['layers']} layers, {result.seconds:.1f} s): mean error "
+          f"{s['mean_zero_init_error']:.4f} (zero init) -> {s['mean_loftq_error']:.4f}", flush=True)
+    sha = None
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank computes the same base; one writes it (and the run record)
+        write_json(out / LOFTQ_REPORT_FILE, result.report())
+        save_loftq_base(model, base_file)
+        sha = file_sha256(base_file)
+    return RunLoftQ(result, {**s, "base_file": LOFTQ_BASE_FILE, "base_sha256": sha, "report_file": LOFTQ_REPORT_FILE})
+
+
+def check_loftq_base(run: dict | None, base_file: Path | None) -> None:
+    """Refuse to rebuild a LoftQ run's model without the exact base it trained on.
+
+    Its adapters start from (and were trained against) the LoftQ bytes, so merging them onto
+    plain quantize(W), or onto another run's LoftQ base, would be silently wrong.
+    """
+    rec = (run or {}).get("loftq") or {}
+    want = rec.get("base_sha256")
+    if not want:
+        return
+    if base_file is None:
+        raise InputError(f"this adapter was trained from a LoftQ base ({rec.get('base_file', LOFTQ_BASE_FILE)}) "
+                         "that is not next to it; copy that file from the run folder into the adapter folder")
+    got = file_sha256(base_file)
+    if got != want:
+        raise InputError(f"{base_file} (sha256 {got[:12]}…) is not the LoftQ base this adapter was trained on "
+                         f"(sha256 {want[:12]}…); use the loftq_base.safetensors of the same run")

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import InputError
 from ..models.load import as_dtype
 from ..utils.io import atomic_dir
-from .loftq import LOFTQ_BASE_FILE, load_loftq_base
+from .loftq import LOFTQ_BASE_FILE, check_loftq_base, load_loftq_base
 
 RUN_FILE = "lowbit_run.json"
 
@@ -125,6 +125,7 @@ def load_adapter_model(src: AdapterSource, compute_dtype="float32", progress: bo
                             double_quant=q["double_quant"], skip_modules=q["skip_modules"],
                             compute_dtype=compute_dtype, progress=progress)
     lb = src.loftq_base()
+    check_loftq_base(src.run, lb)  # a trainer LoftQ run records its base's hash: refuse a missing/other one
     if lb is not None:
         load_loftq_base(model, lb)
     pm = load_adapter(model, src.adapter_dir)

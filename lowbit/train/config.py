@@ -38,6 +38,16 @@ class ModelConfig:
 
 
 @dataclass
+class LoftQConfig:
+    iters: int = 5
+    svd: str = "lowrank"                # lowrank (randomized, fast) | full
+    calibration: str | None = None      # text file → activation-aware LoftQ; none → weight-space LoftQ
+    calibration_samples: int = 64
+    calibration_seq_len: int = 256
+    damp: float = 0.01
+
+
+@dataclass
 class LoraConfig:
     r: int = 16
     alpha: float = 32
@@ -45,6 +55,8 @@ class LoraConfig:
     target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
+    init: str = "zero"                  # zero (B = 0, plain QLoRA) | loftq
+    loftq: LoftQConfig = field(default_factory=LoftQConfig)
 
 
 @dataclass
@@ -120,6 +132,8 @@ CHOICES = {
     "model.quant.quant_type": ("nf4", "fp4"),
     "model.quant.storage_dtype": ("uint8", "bfloat16", "float16", "float32"),
     "model.quant.compute_dtype": ("bfloat16", "float16", "float32"),
+    "lora.init": ("zero", "loftq"),
+    "lora.loftq.svd": ("lowrank", "full"),
     "data.format": ("text", "prompt_completion", "chat"),
     "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
     "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
@@ -263,6 +277,8 @@ def check(cfg: RunConfig) -> None:
                           f"{', '.join(map(str, BLOCKSIZES))}")
     if cfg.lora.r <= 0:
         raise ConfigError(f"lora.r must be positive, got {cfg.lora.r}")
+    if cfg.lora.init == "loftq":
+        _check_loftq(cfg)
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.train.max_steps == 0:
@@ -290,3 +306,22 @@ def qat_config(cfg: RunConfig):
         raise ConfigError(f"qat.scheme {cfg.qat.scheme!r} fake-quantizes the merged weight deq(W) + s·BA, which LoRA "
                           f"dropout cannot pass through; set lora.dropout: 0 (got {cfg.lora.dropout})")
     return q
+
+
+def _check_loftq(cfg: RunConfig) -> None:
+    lq = cfg.lora.loftq
+    if not cfg.model.quant.load_in_4bit:
+        raise ConfigError("lora.init=loftq needs a 4-bit base (model.quant.load_in_4bit=true); use lora.init=zero")
+    if cfg.lora.use_dora:
+        raise ConfigError("lora.init=loftq cannot be combined with lora.use_dora (DoRA's magnitude vector changes "
+                          "the delta LoftQ solves for); drop one of them")
+    if lq.iters < 1:
+        raise ConfigError(f"lora.loftq.iters must be >= 1, got {lq.iters}")
+    if lq.calibration is not None:
+        if not Path(lq.calibration).is_file():
+            raise InputError(f"lora.loftq.calibration file {lq.calibration} does not exist; point it at a text "
+                             "file (e.g. the training text) or remove it for weight-space LoftQ")
+        if lq.calibration_samples < 1 or lq.calibration_seq_len < 2:
+            raise ConfigError("lora.loftq.calibration_samples must be >= 1 and calibration_seq_len >= 2")
+        if not lq.damp > 0:
+            raise ConfigError(f"lora.loftq.damp must be > 0, got {lq.damp}")

@@ -122,12 +122,20 @@ def run(cfg: RunConfig) -> dict:
         tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    resume = _resume_arg(cfg, out)
+    loftq = None
+    if cfg.lora.init == "loftq":  # [issue 6] requantize the base in place before LoRA wraps it
+        from ..export.loftq import loftq_for_run
+        loftq = loftq_for_run(model, tok, cfg, out, resuming=resume is not None)
     train_ex, eval_ex = build_datasets(tok, cfg.data, cfg.train.seed)
     collate = Collator(tok.pad_token_id)
     prepare_for_kbit_training(model, cfg.train.gradient_checkpointing)
     lc = cfg.lora
     model = add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
                      use_rslora=lc.use_rslora, use_dora=lc.use_dora)
+    if loftq is not None and loftq.result is not None:
+        from ..export.loftq import apply_loftq
+        apply_loftq(model, loftq.result)
     model, qcfg = qat_run.prepare(model, cfg)
     metrics: dict = {"train_examples": len(train_ex), "eval_examples": len(eval_ex)}
     chunk = cfg.train.loss_chunk_tokens
@@ -150,7 +158,7 @@ def run(cfg: RunConfig) -> dict:
         callbacks.append(qat_run.QATStep(model))
     trainer = LowbitTrainer(model=model, args=args, train_dataset=train_ex, data_collator=collate,
                             callbacks=callbacks, lowbit_cfg=cfg)
-    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg, out))
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics.update({"train_loss": result.training_loss, "train_steps": result.global_step,
                     "train_runtime_s": result.metrics.get("train_runtime")})
     if not math.isfinite(result.training_loss):
@@ -169,7 +177,8 @@ def run(cfg: RunConfig) -> dict:
             "format": "lowbit.run", "version": 1, "lowbit_version": __version__, "config": cfg.to_dict(),
             "base_model": {"path": str(cfg.model.path), "sha256": base_model_hash(cfg.model.path),
                            "model_type": model.get_base_model().config.model_type},
-            "metrics": metrics, "torch": torch.__version__, "python": platform.python_version(),
+            "metrics": metrics, **({"loftq": loftq.record} if loftq is not None else {}),
+            "torch": torch.__version__, "python": platform.python_version(),
             "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
         print(f"adapters saved to {adapter}", flush=True)
         if qcfg is not None:
