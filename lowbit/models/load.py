@@ -22,10 +22,15 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def as_dtype(d) -> torch.dtype:
+    """A torch dtype from its name; "auto" = the fast compute dtype here (bf16 on GPUs and on CPUs
+    with AVX512-BF16/AMX, fp32 on other CPUs)."""
     if isinstance(d, torch.dtype):
         return d
+    if d == "auto":
+        from ..utils.device import auto_compute_dtype
+        return auto_compute_dtype()
     if d not in _DTYPES:
-        raise ConfigError(f"unknown dtype {d!r}; choose one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {d!r}; choose one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[d]
 
 
@@ -112,7 +117,7 @@ def load_model(path, *, trust_remote_code: bool = False, **kw):
 
 
 def load_4bit_weights(path, *, load_in_4bit: bool = True, quant_type: str = "nf4", blocksize: int = 64,
-               double_quant: bool = True, storage_dtype="uint8", compute_dtype="bfloat16",
+               double_quant: bool = True, storage_dtype="uint8", compute_dtype="auto",
                skip_modules=("lm_head",), keep_embeddings_in_compute_dtype: bool = True, trust_remote_code: bool = False,
                progress: bool = True):
     """Build the model (Llama, Mistral, Qwen2/3, Gemma3) with its Linear layers in NF4/FP4.

@@ -24,7 +24,7 @@ class QuantConfig:
     blocksize: int = 64
     double_quant: bool = True
     storage_dtype: str = "uint8"
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"     # auto: bf16 on GPUs and AVX512-BF16/AMX CPUs, else fp32
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
     keep_embeddings_in_compute_dtype: bool = True
 
@@ -131,7 +131,7 @@ class RunConfig:
 CHOICES = {
     "model.quant.quant_type": ("nf4", "fp4"),
     "model.quant.storage_dtype": ("uint8", "bfloat16", "float16", "float32"),
-    "model.quant.compute_dtype": ("bfloat16", "float16", "float32"),
+    "model.quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "lora.init": ("zero", "loftq"),
     "lora.loftq.svd": ("lowrank", "full"),
     "data.format": ("text", "prompt_completion", "chat"),
