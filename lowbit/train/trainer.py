@@ -26,6 +26,7 @@ from .config import RunConfig
 from .data import Collator, build_datasets
 from .loss import causal_lm_loss, perplexity
 from .optim import build_optimizer
+from ..scale.zero3 import zero3_gathered
 
 log = logging.getLogger("lowbit")
 
@@ -87,15 +88,14 @@ def _check_output_dir(cfg: RunConfig) -> Path:
 
 
 def _resume_arg(cfg: RunConfig, out: Path):
-    r = cfg.train.resume_from
-    if r == "none":
-        return None
-    if r == "auto":
-        ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return str(ckpts[-1]) if ckpts else None
-    if not Path(r).exists():
-        raise InputError(f"train.resume_from {r} does not exist")
-    return r
+    # [issue 7] only checkpoints marked complete count: a kill mid-save leaves a folder that is not one
+    from ..scale.checkpoints import resolve_resume
+    return resolve_resume(out, cfg.train.resume_from, is_main=int(os.environ.get("RANK", "0")) == 0)
+
+
+def _head_weight(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings().weight
 
 
 def _save_adapter(model, out: Path) -> Path:
@@ -110,6 +110,8 @@ def run(cfg: RunConfig) -> dict:
     from ..models import load_model
     from ..modules.lora import add_lora, prepare_for_kbit_training
     out = _check_output_dir(cfg)
+    from ..scale import validate as scale_check
+    engine = scale_check.validate(cfg)  # [issue 7] known-bad scale-out combinations, before any work
     set_seed(cfg.train.seed)
     q = cfg.model.quant
     model, tok = load_model(cfg.model.path, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type,
@@ -149,11 +151,18 @@ def run(cfg: RunConfig) -> dict:
         lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit, report_to=["tensorboard"] if "tensorboard" in t.report_to else [],
+        save_total_limit=None, report_to=["tensorboard"] if "tensorboard" in t.report_to else [],
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
         ddp_find_unused_parameters=False)
     callbacks = [StopOnNonFinite()] + ([JsonlLogger(out / "logs.jsonl")] if "jsonl" in t.report_to else [])
+    if t.save_steps:  # [issue 7] mark checkpoints complete, then rotate (HF's own rotation is off above)
+        from ..scale.checkpoints import CompleteCheckpoints
+        callbacks.append(CompleteCheckpoints(t.save_total_limit))
+    scale_check.validate_training(model, args, engine.world_size)
+    keep = (t.save_total_limit or 1) + 1 if t.save_steps else 0
+    scale_check.check_disk_space(out, keep * scale_check.checkpoint_bytes(model, t.optimizer) +
+                                 scale_check.checkpoint_bytes(model, "sgd"))
     if qcfg is not None:
         callbacks.append(qat_run.QATStep(model))
     trainer = LowbitTrainer(model=model, args=args, train_dataset=train_ex, data_collator=collate,
@@ -167,19 +176,23 @@ def run(cfg: RunConfig) -> dict:
         from ..qat import set_step
         set_step(model, result.global_step)  # evaluate (and save) the model as it trained last
     if eval_ex and cfg.eval.after:
-        metrics["eval_ppl_after"] = perplexity(model, eval_ex, collate, cfg.eval.batch_size, chunk, "eval after")
+        with zero3_gathered([_head_weight(model)]):  # [issue 7] the chunked loss reads lm_head's weight directly
+            metrics["eval_ppl_after"] = perplexity(model, eval_ex, collate, cfg.eval.batch_size, chunk, "eval after")
         before = metrics.get("eval_ppl_before")
         print(f"held-out perplexity: {before:.3f} -> {metrics['eval_ppl_after']:.3f}" if before else
               f"held-out perplexity after training: {metrics['eval_ppl_after']:.3f}", flush=True)
+    with zero3_gathered([p for p in model.parameters() if p.requires_grad]):  # every rank joins the gather
+        if trainer.is_world_process_zero():
+            adapter = _save_adapter(model, out)
     if trainer.is_world_process_zero():
-        adapter = _save_adapter(model, out)
         write_json(out / "lowbit_run.json", {
             "format": "lowbit.run", "version": 1, "lowbit_version": __version__, "config": cfg.to_dict(),
             "base_model": {"path": str(cfg.model.path), "sha256": base_model_hash(cfg.model.path),
                            "model_type": model.get_base_model().config.model_type},
             "metrics": metrics, **({"loftq": loftq.record} if loftq is not None else {}),
             "torch": torch.__version__, "python": platform.python_version(),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "engine": {"name": engine.name, "zero_stage": engine.zero_stage, "world_size": engine.world_size}})
         print(f"adapters saved to {adapter}", flush=True)
         if qcfg is not None:
             qat_run.save_state(model, out)
