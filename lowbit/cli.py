@@ -1,11 +1,13 @@
-"""`lowbit <command>`: train, merge, export."""
+"""`lowbit <command>`: train, generate, merge, export, estimate."""
 from __future__ import annotations
 
 import sys
 
-# command -> (module with main(argv), whether that main takes the command name as argv[0])
-COMMANDS = {"train": ("lowbit.train.cli", False), "merge": ("lowbit.export.cli", True),
-            "export": ("lowbit.export.cli", True)}
+# command -> (module with main(argv), whether that main takes the command name as argv[0]).
+# Imported lazily so `lowbit train` never pays for (or breaks on) the other subpackages.
+COMMANDS = {"train": ("lowbit.train.cli", False), "generate": ("lowbit.data_gen.cli", False),
+            "merge": ("lowbit.export.cli", True), "export": ("lowbit.export.cli", True),
+            "estimate": ("lowbit.scale.estimate_cli", False)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +17,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: lowbit {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, with_name = COMMANDS[argv[0]]
-    return importlib.import_module(module).main(argv if with_name else argv[1:])
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not (e.name and module.startswith(e.name)):
+            raise  # a real missing dependency inside the module: show it
+        print(f"error: `lowbit {argv[0]}` is not available in this install ({module} is missing); "
+              f"update lowbit or use `lowbit train`", file=sys.stderr)
+        return 2
+    return mod.main(argv if with_name else argv[1:])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ def _load_qat(path: Path):
     resolve(str(path))
 
 
-LOADERS = {"qlora": load_config, "tiny": load_config, "accelerate": _load_accelerate, "qat": _load_qat}
+def _load_llm_qat(path: Path):
+    # generate configs (a `generate:` section) use lowbit generate's loader; distill runs use the train loader
+    from lowbit.data_gen.config import load_generate_config
+    tree = yaml.safe_load(path.read_text()) or {}
+    return load_generate_config(path) if "generate" in tree else load_config(path)
+
+
+LOADERS = {"qlora": load_config, "tiny": load_config, "accelerate": _load_accelerate, "qat": _load_qat,
+           "llm_qat": _load_llm_qat}
 
 
 def test_there_are_configs():
