@@ -218,9 +218,25 @@ def validate(cfg, accelerate_state=None, env=None, launcher_cmdline: list[str] |
     return engine
 
 
-def validate_training(model, training_args, world_size: int | None = None) -> None:
+def check_engine_applied(engine: Engine, distributed_type: str) -> None:
+    """The launcher asked for FSDP/DeepSpeed; refuse when accelerate set up something else instead."""
+    dt = str(distributed_type).rsplit(".", 1)[-1].upper()
+    want = {"fsdp": "FSDP", "deepspeed": "DEEPSPEED"}.get(engine.name)
+    if want and dt != want:
+        cpu = " on a CPU (accelerate only turns a GPU-type multi-process setup into FSDP; MULTI_CPU never is)" \
+            if dt == "MULTI_CPU" else ""
+        raise ConfigError(f"the accelerate config asks for {want} but accelerate set up {dt}{cpu}, so the run "
+                          f"would train {'as plain DDP' if dt.startswith('MULTI') else 'unsharded'} without saying "
+                          "so; on a CPU use configs/accelerate/cpu_ddp.yaml or cpu_zero2.yaml/cpu_zero3.yaml, "
+                          "or run FSDP on GPUs (configs/accelerate/fsdp_qlora.yaml)")
+
+
+def validate_training(model, training_args, world_size: int | None = None, engine: Engine | None = None) -> None:
     """Checks that need the built model and TrainingArguments."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    state = getattr(training_args, "distributed_state", None)
+    if engine is not None and state is not None:
+        check_engine_applied(engine, state.distributed_type)
     enabled, reentrant = gradient_checkpointing_settings(model)
     check_ddp_checkpointing(world, enabled, reentrant, getattr(training_args, "ddp_find_unused_parameters", None))
 

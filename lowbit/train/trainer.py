@@ -159,7 +159,7 @@ def run(cfg: RunConfig) -> dict:
     if t.save_steps:  # [issue 7] mark checkpoints complete, then rotate (HF's own rotation is off above)
         from ..scale.checkpoints import CompleteCheckpoints
         callbacks.append(CompleteCheckpoints(t.save_total_limit))
-    scale_check.validate_training(model, args, engine.world_size)
+    scale_check.validate_training(model, args, engine.world_size, engine)
     keep = (t.save_total_limit or 1) + 1 if t.save_steps else 0
     scale_check.check_disk_space(out, keep * scale_check.checkpoint_bytes(model, t.optimizer) +
                                  scale_check.checkpoint_bytes(model, "sgd"))
@@ -192,7 +192,8 @@ def run(cfg: RunConfig) -> dict:
             "metrics": metrics, **({"loftq": loftq.record} if loftq is not None else {}),
             "torch": torch.__version__, "python": platform.python_version(),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "engine": {"name": engine.name, "zero_stage": engine.zero_stage, "world_size": engine.world_size}})
+            "engine": {"name": engine.name, "zero_stage": engine.zero_stage, "world_size": engine.world_size,
+                       "wrapper": type(trainer.model_wrapped).__name__}})
         print(f"adapters saved to {adapter}", flush=True)
         if qcfg is not None:
             qat_run.save_state(model, out)
