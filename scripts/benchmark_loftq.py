@@ -1,89 +1,104 @@
-"""LoftQ benchmark on Gemma-3-270M: held-out Hamlet perplexity of the bf16 model, the NF4 base
-(zero-init QLoRA = the base alone) and the NF4 base + LoftQ-initialized LoRA (no training), plus
-LoftQ's init time, peak RSS and per-layer weight errors. Each method runs in its own subprocess
-so its peak RSS is its own. Writes JSON + PNG under outputs/bench/.
+"""LoftQ benchmark on Gemma-3-270M: held-out Hamlet perplexity of the bf16 model and of QLoRA started
+from the NF4 base with zero-init, weight-space LoftQ and calibrated (activation-aware) LoftQ adapters —
+before training (the init alone) and after the same short fine-tune — plus LoftQ's init time and the
+peak RSS after load + LoftQ.
 
-    .venv/bin/python scripts/benchmark_loftq.py [--r 16 --alpha 32 --iters 5 --svd lowrank]
-        [--eval-tokens 16384] [--out outputs/bench/loftq.json]
+Every QLoRA variant is the real trainer (`lowbit.train.trainer.run`) on the given config with only
+`lora.init` / `lora.loftq.*` changed, so all share data, eval blocks, seed and steps; bf16 is scored
+on the same eval blocks. Each method runs in its own subprocess (its own peak RSS). Writes JSON +
+PNG, and the markdown table to stdout.
+
+    .venv/bin/python scripts/benchmark_loftq.py [--steps 30] [--iters 5] [--calib-samples 16]
+        [--config configs/qlora/gemma3-270m-shakespeare.yaml] [--out outputs/bench/loftq.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-METHODS = ("bf16", "nf4", "nf4_loftq")
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("bf16", "zero", "loftq", "loftq_cal")
+LABELS = {"bf16": "bf16 (no quantization)", "zero": "NF4, zero-init QLoRA", "loftq": "NF4 + LoftQ (weight space)",
+          "loftq_cal": "NF4 + LoftQ (calibrated)"}
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _eval_ids(tok, path: str, n_tokens: int, seq: int):
+def _overrides(method: str, a) -> list[str]:
+    out = [*a.set, f"train.max_steps={max(a.steps, 1)}", f"train.output_dir={a.runs}/{method}", "train.overwrite_output=true",
+           "train.save_steps=0", "train.report_to=[jsonl]", f"lora.loftq.iters={a.iters}", f"lora.loftq.svd={a.svd}"]
+    if method == "zero":
+        return out + ["lora.init=zero"]
+    out.append("lora.init=loftq")
+    if method == "loftq_cal":
+        out += [f"lora.loftq.calibration={a.calib}", f"lora.loftq.calibration_samples={a.calib_samples}",
+                f"lora.loftq.calibration_seq_len={a.calib_seq_len}"]
+    return out
+
+
+def _init_only(method: str, cfg) -> dict:
+    """The trainer's steps up to its first eval (load, LoftQ, LoRA) and that eval: the init alone."""
+    from lowbit.export.loftq import apply_loftq, loftq_for_run
+    from lowbit.models import load_model
+    from lowbit.modules.lora import add_lora, prepare_for_kbit_training
+    from lowbit.train.data import Collator, build_datasets
+    from lowbit.train.loss import perplexity
+    q, lc = cfg.model.quant, cfg.lora
+    model, tok = load_model(cfg.model.path, quant_type=q.quant_type, blocksize=q.blocksize,
+                            double_quant=q.double_quant, compute_dtype=q.compute_dtype)
+    out: dict = {}
+    loftq = None
+    if lc.init == "loftq":
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        loftq = loftq_for_run(model, tok, cfg, cfg.train.output_dir)
+        out["loftq"] = loftq.record
+        out["per_layer"] = loftq.result.report()["per_layer"]
+    prepare_for_kbit_training(model, cfg.train.gradient_checkpointing)
+    model = add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                     use_rslora=lc.use_rslora)
+    if loftq is not None:
+        apply_loftq(model, loftq.result)
+    _, eval_ex = build_datasets(tok, cfg.data, cfg.train.seed)
+    out["ppl_init"] = perplexity(model, eval_ex, Collator(tok.pad_token_id), cfg.eval.batch_size,
+                                 cfg.train.loss_chunk_tokens, f"eval {method}")
+    return out
+
+
+def worker(method: str, phase: str, a) -> dict:
     import torch
-    ids = tok(Path(path).read_text(), add_special_tokens=False).input_ids[: n_tokens]
-    n = len(ids) // seq
-    if n == 0:
-        raise SystemExit(f"error: {path} has fewer than {seq} tokens")
-    x = torch.tensor(ids[: n * seq]).view(n, seq)
-    bos = torch.full((n, 1), tok.bos_token_id)
-    return torch.cat([bos, x], 1)  # each window starts with BOS, as the model was trained
+    torch.set_num_threads(a.threads)
 
-
-def perplexity(model, ids, desc: str) -> float:
-    import torch
-    from tqdm.auto import tqdm
-
-    from lowbit.train.loss import nll_sum
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for row in tqdm(ids, desc=desc, unit="window"):
-            x = row[None]
-            labels = x.clone()
-            labels[:, 0] = -100  # the BOS is not predicted
-            s, c = nll_sum(model, x, labels, None, 512)
-            nll += s.item()
-            n += c
-    return math.exp(nll / n)
-
-
-def worker(method: str, a) -> dict:
-    import torch
-    torch.manual_seed(0)
-    import transformers  # noqa: F401
-
-    import lowbit.export.loftq  # noqa: F401
-    import lowbit.models  # noqa: F401
-    base_rss = _rss_mb()
-    out: dict = {"method": method}
+    from lowbit.train.config import load_config
+    out: dict = {}
     t0 = time.perf_counter()
-    if method == "bf16":
+    cfg = load_config(a.config, _overrides(method if method != "bf16" else "zero", a))
+    if method == "bf16":  # the same eval blocks the trainer scores, on the unquantized model
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).to(torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(a.model)
-    elif method == "nf4":
-        from lowbit.models import load_model
-        model, tok = load_model(a.model, compute_dtype="float32", blocksize=a.blocksize, progress=False)
+
+        from lowbit.train.data import Collator, build_datasets
+        from lowbit.train.loss import perplexity
+        tok = AutoTokenizer.from_pretrained(cfg.model.path)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.bfloat16).eval()
+        _, eval_ex = build_datasets(tok, cfg.data, cfg.train.seed)
+        out["ppl_init"] = perplexity(model, eval_ex, Collator(tok.pad_token_id), cfg.eval.batch_size,
+                                     cfg.train.loss_chunk_tokens, "eval bf16")
+        out["eval_tokens"] = sum(len(e["labels"]) - 1 for e in eval_ex)  # next-token targets
+    elif phase == "init":
+        out.update(_init_only(method, cfg))
     else:
-        from lowbit.export.loftq import loftq_init
-        model, tok, res = loftq_init(a.model, r=a.r, alpha=a.alpha, dropout=0.0, iters=a.iters, svd=a.svd,
-                                     blocksize=a.blocksize, compute_dtype="float32")
-        out["loftq"] = res.report()
-        out["loftq_init_s"] = round(res.seconds, 2)
-        model.eval()
-    out["load_s"] = round(time.perf_counter() - t0, 2)
-    out["peak_rss_after_load_mb"] = round(_rss_mb(), 1)
-    out["baseline_rss_mb"] = round(base_rss, 1)
-    ids = _eval_ids(tok, a.heldout, a.eval_tokens, a.seq)
-    out["eval_tokens"] = int(ids.numel() - ids.shape[0])
-    t1 = time.perf_counter()
-    out["ppl"] = perplexity(model, ids, f"ppl {method}")
-    out["eval_s"] = round(time.perf_counter() - t1, 2)
+        from lowbit.train.trainer import run
+        cfg.eval.before = False  # the init phase measured it, on the same blocks
+        m = run(cfg)
+        out["ppl_after"] = m["eval_ppl_after"]
+        out["train_loss"], out["train_steps"] = m["train_loss"], m["train_steps"]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     out["peak_rss_mb"] = round(_rss_mb(), 1)
     return out
 
@@ -92,72 +107,117 @@ def plot(res: dict, png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [m for m in METHODS if m in res["methods"]]
-    ppl = [res["methods"][m]["ppl"] for m in names]
-    ax1.bar(names, ppl, color=["tab:gray", "tab:red", "tab:green"][: len(names)])
-    for i, v in enumerate(ppl):
-        ax1.text(i, v, f"{v:.2f}", ha="center", va="bottom")
-    ax1.set_ylim(min(ppl) * 0.95, max(ppl) * 1.03)
+    ms, tr = res["init"], res["train"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = [m for m in METHODS if m in ms]
+    x = range(len(names))
+    init = [ms[m]["ppl_init"] for m in names]
+    after = [tr.get(m, {}).get("ppl_after") for m in names]
+    ax1.bar([i - 0.2 for i in x], init, 0.4, label="init (no training)", color="tab:gray")
+    ax1.bar([i + 0.2 for i in x if after[i]], [v for v in after if v], 0.4,
+            label=f"after {res['args']['steps']} steps", color="tab:green")
+    for i, v in enumerate(init):
+        ax1.text(i - 0.2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    for i, v in enumerate(after):
+        if v:
+            ax1.text(i + 0.2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(list(x), [LABELS[m].replace(" (", "\n(").replace(", ", ",\n") for m in names], fontsize=8)
+    ax1.set_ylim(min(init + [v for v in after if v]) * 0.9, max(init) * 1.05)
     ax1.set_ylabel("held-out Hamlet perplexity")
-    ax1.set_title(f"Gemma-3-270M, LoftQ r={res['args']['r']} α={res['args']['alpha']} (no training)")
-    lq = res["methods"].get("nf4_loftq", {}).get("loftq")
-    if lq:
-        z = [l["zero_init_error"] for l in lq["per_layer"]]
-        f = [l["loftq_error"] for l in lq["per_layer"]]
-        ax2.plot(z, label="NF4, B=0 (zero init)")
-        ax2.plot(f, label=f"NF4 + LoftQ (T={lq['iters']})")
-        ax2.set_xlabel("Linear layer (load order)")
-        ax2.set_ylabel("‖W − deq(Q) − sBA‖ / ‖W‖")
-        ax2.legend()
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"{res['model']}, LoRA r={res['r']}, α={res['alpha']:g}")
+    for m, style in (("loftq", "tab:blue"), ("loftq_cal", "tab:orange")):
+        layers = ms.get(m, {}).get("per_layer")
+        if layers:
+            rel = [l["loftq_error"] / l["zero_init_error"] for l in layers]
+            ax2.plot(rel, ".", color=style, label=f"{LABELS[m]} ({layers[0]['metric']} error)")
+    ax2.axhline(1.0, color="tab:red", lw=1, label="zero init (plain NF4)")
+    ax2.set_xlabel("adapted Linear (load order)")
+    ax2.set_ylabel("error after LoftQ / error of plain NF4")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
 
+def table(res: dict) -> str:
+    ms, tr = res["init"], res["train"]
+    gap = ms["zero"]["ppl_init"] - ms["bf16"]["ppl_init"] if {"zero", "bf16"} <= set(ms) else None
+    rows = ["| method | ppl, init (no training) | NF4 gap recovered | ppl after "
+            f"{res['args']['steps']} steps | LoftQ init time | peak RSS (load + init) | mean layer error "
+            "zero-init → LoftQ |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        if m not in ms:
+            continue
+        r = ms[m]
+        rec = r.get("loftq") or {}
+        rec_gap = (f"{100 * (ms['zero']['ppl_init'] - r['ppl_init']) / gap:.0f} %"
+                   if gap and gap > 0 and m != "bf16" else "—")
+        after = f"{tr[m]['ppl_after']:.2f}" if tr.get(m, {}).get("ppl_after") else "—"
+        t = f"{rec['seconds']:.0f} s" if rec else "—"
+        rss = f"{rec['peak_rss_mb']:.0f} MB" if rec else "—"
+        err = (f"{rec['mean_zero_init_error']:.4f} → {rec['mean_loftq_error']:.4f} ({rec['metric']})"
+               if rec else "—")
+        rows.append(f"| {LABELS[m]} | {r['ppl_init']:.2f} | {rec_gap} | {after} | {t} | {rss} | {err} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=".cache/models/gemma-3-270m")
-    ap.add_argument("--heldout", default="data/shakespeare/heldout_hamlet.txt")
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--config", default="configs/qlora/gemma3-270m-shakespeare.yaml")
+    ap.add_argument("--steps", type=int, default=30, help="fine-tune steps (0: init only)")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--svd", choices=("full", "lowrank"), default="lowrank")
-    ap.add_argument("--blocksize", type=int, default=64)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--svd", choices=("lowrank", "full"), default="lowrank")
+    ap.add_argument("--calib", default="data/shakespeare/train.txt", help="calibration text (training data)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per worker (1: on a shared 2-core box 2 threads spin-wait and run slower)")
+    ap.add_argument("--runs", default="outputs/bench/loftq_runs")
     ap.add_argument("--out", default="outputs/bench/loftq.json")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--worker", choices=METHODS)
+    ap.add_argument("--methods", default=",".join(METHODS), help="measured at init (no training)")
+    ap.add_argument("--train-methods", default="zero,loftq_cal,loftq", help="fine-tuned for --steps")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    ap.add_argument("--worker", nargs=2, metavar=("METHOD", "PHASE"))
     a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.worker, a)), flush=True)
+        print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a)), flush=True)
         return
-    for p in (a.model, a.heldout):
-        if not Path(p).exists():
-            print(f"error: {p} not found; run scripts/prepare_model.py / scripts/prepare_data.py first", file=sys.stderr)
-            sys.exit(2)
-    res = {"args": vars(a), "methods": {}}
-    passthrough = [x for x in sys.argv[1:]]
-    for m in a.methods.split(","):
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", m], stdout=subprocess.PIPE,
-                              text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"error: method {m} failed (exit {proc.returncode})", file=sys.stderr)
-            sys.exit(1)
-        res["methods"][m] = json.loads(line[-1][7:])
-        print(m, {k: v for k, v in res["methods"][m].items() if k != "loftq"}, flush=True)
-    ms = res["methods"]
-    if all(k in ms for k in METHODS):
-        gap = ms["nf4"]["ppl"] - ms["bf16"]["ppl"]
-        res["nf4_gap"] = gap
-        res["loftq_gap_recovered"] = (ms["nf4"]["ppl"] - ms["nf4_loftq"]["ppl"]) / gap if gap > 0 else None
-        print(f"NF4 gap {gap:.4f} ppl; LoftQ recovers {100 * (res['loftq_gap_recovered'] or 0):.1f}%")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lowbit.train.config import load_config
     from lowbit.utils.io import write_json
+    cfg = load_config(a.config, a.set)
+    for p in (cfg.model.path, *cfg.data.eval_files, a.calib):
+        if not Path(p).exists():
+            sys.exit(f"error: {p} not found; run scripts/prepare_model.py / scripts/prepare_data.py first")
     out = Path(a.out)
+    same = ("config", "steps", "iters", "svd", "calib", "calib_samples", "calib_seq_len", "set")
+    res = {"args": vars(a), "model": Path(cfg.model.path).name, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
+           "init": {}, "train": {}}
+    if out.exists():  # resume a partial run: keep what was measured with the same settings
+        old = json.loads(out.read_text())
+        if all(old["args"].get(k) == getattr(a, k) for k in same):
+            res["init"], res["train"] = old.get("init", {}), old.get("train", {})
+    todo = [(m, "init") for m in a.methods.split(",") if m] + \
+        ([(m, "train") for m in a.train_methods.split(",") if m] if a.steps > 0 else [])
+    for m, phase in todo:
+        if m in res[phase]:
+            continue
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", m, phase],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"error: {m} ({phase}) failed (exit {proc.returncode})")
+        res[phase][m] = json.loads(line[-1][7:])
+        print(m, phase, {k: v for k, v in res[phase][m].items() if k not in ("per_layer", "loftq")}, flush=True)
+        write_json(out, res)  # after every step: a long run that stops keeps what it measured
+    ms = res["init"]
+    if {"zero", "bf16"} <= set(ms):
+        gap = ms["zero"]["ppl_init"] - ms["bf16"]["ppl_init"]
+        res["gap_recovered"] = {m: (ms["zero"]["ppl_init"] - ms[m]["ppl_init"]) / gap
+                                for m in ("loftq", "loftq_cal") if m in ms}
     write_json(out, res)
     plot(res, out.with_suffix(".png"))
+    print(table(res))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -99,7 +99,7 @@ def test_calibrated_loftq_trains_and_resume_reuses_the_base(tiny_model_dirs, tmp
     (["lora.init=loft"], ConfigError, "must be one of zero, loftq"),
     (["lora.init=loftq", "lora.use_dora=true"], ConfigError, "cannot be combined with lora.use_dora"),
     (["lora.init=loftq", "lora.loftq.iters=0"], ConfigError, "iters must be >= 1"),
-    (["lora.init=loftq", "lora.loftq.calibration=/nonexistent.txt"], InputError, "does not exist"),
+    (["lora.init=loftq", "lora.loftq.calibration_samples=0"], ConfigError, "calibration_samples must be >= 1"),
     (["lora.init=loftq", "model.quant.load_in_4bit=false"], ConfigError, "needs a 4-bit base"),
     (["lora.loftq.svd=qr"], ConfigError, "must be one of lowrank, full"),
     (["lora.loftq.iter=3"], ConfigError, "did you mean 'lora.loftq.iters'"),
@@ -107,3 +107,8 @@ def test_calibrated_loftq_trains_and_resume_reuses_the_base(tiny_model_dirs, tmp
 def test_loftq_config_errors_name_the_fix(override, err, message):
     with pytest.raises(err, match=message):
         load_config(TINY, override)
+
+
+def test_missing_calibration_file_is_one_clear_error(tiny_model_dirs, tmp_path):
+    with pytest.raises(InputError, match="calibration file /nonexistent.txt does not exist"):
+        _train(tiny_model_dirs("llama"), tmp_path / "run", "lora.loftq.calibration=/nonexistent.txt")

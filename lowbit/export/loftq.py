@@ -561,12 +561,20 @@ def loftq_for_run(model: nn.Module, tok, cfg, out, resuming: bool = False, progr
     s = result.summary()
     print(f"LoftQ ({s['metric']} error, {s['layers']} layers, {result.seconds:.1f} s): mean error "
           f"{s['mean_zero_init_error']:.4f} (zero init) -> {s['mean_loftq_error']:.4f}", flush=True)
+    s["peak_rss_mb"] = round(_peak_rss_mb(), 1)  # the process so far: load + LoftQ (training comes later)
     sha = None
     if int(os.environ.get("RANK", "0")) == 0:  # every rank computes the same base; one writes it (and the run record)
         write_json(out / LOFTQ_REPORT_FILE, result.report())
         save_loftq_base(model, base_file)
         sha = file_sha256(base_file)
     return RunLoftQ(result, {**s, "base_file": LOFTQ_BASE_FILE, "base_sha256": sha, "report_file": LOFTQ_REPORT_FILE})
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
 
 
 def check_loftq_base(run: dict | None, base_file: Path | None) -> None:

@@ -26,7 +26,7 @@ def calibration_batches(tok, path, n_samples: int = 64, seq_len: int = 256) -> t
     p = Path(path)
     if not p.is_file():
         raise InputError(f"LoftQ calibration file {p} does not exist; point lora.loftq.calibration at a text file "
-                         "(e.g. the training text)")
+                         "(e.g. the training text) or remove it for weight-space LoftQ")
     if n_samples < 1 or seq_len < 2:
         raise ConfigError(f"LoftQ calibration needs samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
     ids = tok(p.read_text(encoding="utf-8"), add_special_tokens=False).input_ids

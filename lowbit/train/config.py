@@ -317,11 +317,8 @@ def _check_loftq(cfg: RunConfig) -> None:
                           "the delta LoftQ solves for); drop one of them")
     if lq.iters < 1:
         raise ConfigError(f"lora.loftq.iters must be >= 1, got {lq.iters}")
-    if lq.calibration is not None:
-        if not Path(lq.calibration).is_file():
-            raise InputError(f"lora.loftq.calibration file {lq.calibration} does not exist; point it at a text "
-                             "file (e.g. the training text) or remove it for weight-space LoftQ")
-        if lq.calibration_samples < 1 or lq.calibration_seq_len < 2:
-            raise ConfigError("lora.loftq.calibration_samples must be >= 1 and calibration_seq_len >= 2")
-        if not lq.damp > 0:
-            raise ConfigError(f"lora.loftq.damp must be > 0, got {lq.damp}")
+    # (the calibration file itself is checked when read, like data.train_files)
+    if lq.calibration_samples < 1 or lq.calibration_seq_len < 2:
+        raise ConfigError("lora.loftq.calibration_samples must be >= 1 and calibration_seq_len >= 2")
+    if not lq.damp > 0:
+        raise ConfigError(f"lora.loftq.damp must be > 0, got {lq.damp}")
