@@ -58,7 +58,7 @@ def _ppl(model, ev, desc):
 def _model(a, four_bit=False, adapter=None):
     from lowbit.models import load_model
     from lowbit.modules.lora import load_adapter
-    m, _ = load_model(a.model, load_in_4bit=four_bit, compute_dtype="bfloat16", progress=False)
+    m, _ = load_model(a.model, load_in_4bit=four_bit, compute_dtype="auto", progress=False)
     return load_adapter(m, adapter) if adapter else m
 
 
