@@ -57,6 +57,17 @@ def sample_next(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0,
     return ids.gather(1, torch.minimum(pick, last_kept)).squeeze(1)
 
 
+def draw_starts(indices: list[int], s: SamplingConfig, first_ids: torch.Tensor):
+    """(per-sequence generators, first tokens, number of greedy tokens) for `indices`."""
+    gens = [sequence_generator(s.seed, i) for i in indices]
+    if s.first_token == "every_id":  # LLM-QAT's sweep: sequence i starts with the i-th allowed id (cycling)
+        first = first_ids[torch.tensor(indices) % first_ids.numel()]
+    else:
+        first = torch.stack([first_ids[torch.randint(first_ids.numel(), (), generator=g)] for g in gens])
+    n_greedy = torch.tensor([int(torch.randint(s.greedy_min, s.greedy_max + 1, (), generator=g)) for g in gens])
+    return gens, first, n_greedy
+
+
 @dataclass
 class Generated:
     index: int
@@ -74,12 +85,7 @@ def generate_batch(model, indices: list[int], s: SamplingConfig, first_ids: torc
     teacher's top-k logits are kept for every position of [BOS] + ids except the last.
     """
     device = next(model.parameters()).device
-    gens = [sequence_generator(s.seed, i) for i in indices]
-    if s.first_token == "every_id":
-        first = first_ids[torch.tensor(indices) % first_ids.numel()]
-    else:
-        first = torch.stack([first_ids[torch.randint(first_ids.numel(), (), generator=g)] for g in gens])
-    n_greedy = torch.tensor([int(torch.randint(s.greedy_min, s.greedy_max + 1, (), generator=g)) for g in gens])
+    gens, first, n_greedy = draw_starts(indices, s, first_ids)
     prefix = [bos_id] if s.add_bos and bos_id is not None else []
     x = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(len(indices), -1), first[:, None]], 1).to(device)
     out = model(input_ids=x, use_cache=True, logits_to_keep=0 if topk else 1)
