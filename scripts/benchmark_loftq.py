@@ -32,7 +32,8 @@ def _rss_mb() -> float:
 
 
 def _overrides(method: str, a) -> list[str]:
-    out = [*a.set, f"train.max_steps={max(a.steps, 1)}", f"train.output_dir={a.runs}/{method}", "train.overwrite_output=true",
+    out = [*a.set, f"train.max_steps={max(a.steps, 1)}", f"train.output_dir={a.runs}/{method}",
+           "train.overwrite_output=true",
            "train.save_steps=0", "train.report_to=[jsonl]", f"lora.loftq.iters={a.iters}", f"lora.loftq.svd={a.svd}"]
     if method == "zero":
         return out + ["lora.init=zero"]

@@ -7,17 +7,24 @@ and the adapter is set so that peft's delta s·B·A equals L_t, with s = alpha/r
 for rsLoRA): B = U·sqrt(S)/sqrt(s), A = sqrt(S)·Vh/sqrt(s). peft's own LoftQ ignores s (it is
 only right for alpha == r) and runs on CUDA only; this works for any alpha, on CPU or GPU.
 
-Errors are ‖W − deq(Q) − s·B·A‖_F / ‖W‖_F. Entry 0 is plain quantization with B = 0
-(zero-init QLoRA); the iterate with the lowest error is kept.
+Calibrated (activation-aware) LoftQ replaces the SVD by one of (W - deq(Q_t))·H^{1/2}, H the
+layer's input second moment on calibration text, un-whitened by H^{-1/2}: it minimises the
+layer's output error instead of its weight error (see `loftq_calibration`).
+
+Errors are ‖W − deq(Q) − s·B·A‖_F / ‖W‖_F (calibrated: ‖(…)·H^{1/2}‖_F / ‖W·H^{1/2}‖_F).
+Entry 0 is plain quantization with B = 0 (zero-init QLoRA); the iterate with the lowest error is kept.
 
 Entry points:
-  * `loftq_load_model(path, ...)`: stream an HF checkpoint tensor by tensor into our 4-bit
-    base, running LoftQ on each Linear as it is read (peak RAM ≈ 4-bit model + one layer).
-  * `loftq_quantize_model(model, ...)`: the same on a dense model already in memory.
+  * `loftq_requantize(model, path, ...)`: in place on a model `load_model(path)` built: the dense
+    weights are streamed again one at a time (peak RAM ≈ 4-bit model + one layer).
+  * `loftq_calibrated(model, tok, path, text_file, ...)`: the same, activation-aware.
+  * `loftq_load_model(path, ...)` / `loftq_quantize_model(model, ...)`: build the base from a
+    checkpoint / an in-memory dense model (these also do intN bases, fake-quantized).
   * `apply_loftq(peft_model, result)`: copy the computed A/B into the peft adapters.
   * `loftq_init(path, r=, alpha=, ...)`: all of it → (peft model, tokenizer, result).
-  * `save_loftq_base` / `load_loftq_base`: the LoftQ base differs from quantize(W), so merge
-    and reload need it saved next to the adapter (`loftq_base.safetensors`).
+  * `loftq_for_run(...)`: the trainer's `lora.init: loftq` (saves base + report, reuses on resume).
+  * `save_loftq_base` / `load_loftq_base` / `check_loftq_base`: the LoftQ base differs from
+    quantize(W), so merge and reload need it (`loftq_base.safetensors`, hashed in lowbit_run.json).
 """
 from __future__ import annotations
 
@@ -330,8 +337,9 @@ def apply_loftq(peft_model, result: LoftQResult, adapter_name: str = "default") 
             raise ConfigError(f"LoRA layer {name} has no LoftQ initialization; run LoftQ with the same "
                               "lora.target_modules as add_lora")
         if mod.r[adapter_name] != result.r or not math.isclose(mod.scaling[adapter_name], result.scaling):
-            raise ConfigError(f"peft adapter has r={mod.r[adapter_name]}, scaling={mod.scaling[adapter_name]} but LoftQ "
-                              f"ran with r={result.r}, scaling={result.scaling}; use the same lora.r/alpha/use_rslora")
+            raise ConfigError(f"peft adapter has r={mod.r[adapter_name]}, scaling={mod.scaling[adapter_name]} but "
+                              f"LoftQ ran with r={result.r}, scaling={result.scaling}; use the same "
+                              "lora.r/alpha/use_rslora")
         n += 1
         if result.lora[name] is None:  # plain quantization was already the best start: peft's zero-init B
             continue
@@ -389,7 +397,8 @@ def loftq_requantize(model: nn.Module, path, *, r: int = 16, alpha: float = 32, 
             mod = q4[name]
             if tuple(w.shape) != (mod.out_features, mod.in_features):
                 raise InputError(f"checkpoint tensor {key} has shape {tuple(w.shape)}, the model expects "
-                                 f"{(mod.out_features, mod.in_features)}; pass the checkpoint the model was loaded from")
+                                 f"{(mod.out_features, mod.in_features)}; pass the checkpoint the model was "
+                                 "loaded from")
             wh = None
             if moments is not None:
                 H = moments[name]
