@@ -4,7 +4,7 @@ Broken down into weights, adapters, gradients, optimizer state, activations, the
 loss's logits, and transient workspace. Activations are counted tensor by tensor from
 what autograd keeps for a Llama/Gemma/Qwen/Mistral decoder layer as lowbit runs it (our
 Linear4bit + peft LoRA, SDPA attention, HF RMSNorm), so the numbers follow the code, not
-a rule of thumb; `tests/test_estimate.py` checks the per-layer count against autograd's
+a rule of thumb; `tests/test_scale_estimate.py` checks the per-layer count against autograd's
 saved tensors and `scripts/benchmark_estimate.py` against measured peak RSS.
 
 Sharding (world_size > 1): ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3
