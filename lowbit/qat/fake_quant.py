@@ -41,6 +41,11 @@ class FakeQuantizer(nn.Module):
         return cls(cfg, role, **kw)
 
     @property
+    def clips(self) -> bool:
+        """Learned and static ranges clip (no gradient beyond them); MinMax covers the tensor."""
+        return self.cfg.range == "learned" or hasattr(self, "lo")
+
+    @property
     def active(self) -> bool:
         return self.cfg.enabled and self.step >= self.cfg.start_step
 
@@ -72,7 +77,7 @@ class FakeQuantizer(nn.Module):
             return straight_through(x.to(out_dtype), nf4_roundtrip(x, self.cfg, self.weight_dtype, out_dtype))
         rows = as_rows(x.float(), self.cfg)
         scale, zero = self.qparams(rows)
-        _, deq = quantize_rows(rows, scale, zero, self.cfg)
+        _, deq = quantize_rows(rows, scale, zero, self.cfg, clip_grad=self.clips)
         return deq.reshape(x.shape).to(out_dtype)
 
     @torch.no_grad()

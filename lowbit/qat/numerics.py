@@ -99,23 +99,26 @@ def _round_fp4(v: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  cfg: QuantizerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                  cfg: QuantizerConfig, clip_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, dequantized) for fp32 rows. q holds grid values as floats: integer levels (zero point
     included) for int, the representable fp8/fp4 values for the float formats. Rounding is
-    straight-through; values beyond the range are clipped (zero gradient there, as in LSQ)."""
+    straight-through. clip_grad: values beyond the range get no gradient (LSQ, static ranges);
+    off for MinMax, whose range holds every value (up to float rounding at the edge)."""
     v = rows / scale
     if cfg.dtype == "int":
-        qmin, qmax = int_range(cfg)
+        lo, hi = int_range(cfg)
         if zero is not None:
             v = v + zero
-        v = v.clamp(qmin, qmax)
-        q = straight_through(v, torch.round(v))
-        return q, ((q - zero) if zero is not None else q) * scale
-    fmax = FP_MAX[cfg.dtype]
-    v = v.clamp(-fmax, fmax)
-    rounded = v.to(FP8_DTYPES[cfg.dtype]).float() if cfg.dtype in FP8_DTYPES else _round_fp4(v)
-    q = straight_through(v, rounded)
-    return q, q * scale
+    else:
+        hi = FP_MAX[cfg.dtype]
+        lo = -hi
+    vc = v.clamp(lo, hi)
+    if cfg.dtype == "int":
+        rounded = torch.round(vc)
+    else:
+        rounded = vc.to(FP8_DTYPES[cfg.dtype]).float() if cfg.dtype in FP8_DTYPES else _round_fp4(vc)
+    q = straight_through(vc if clip_grad else v, rounded)
+    return q, ((q - zero) if zero is not None else q) * scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
