@@ -32,7 +32,8 @@ def _cfg(a, out: str, *extra):
     return load_config(CONFIG, [f"model.path={a.model}", f"train.output_dir={a.out}/{out}", f"train.max_steps={a.steps}",
                                 f"data.max_eval_blocks={a.eval_blocks}", f"data.max_seq_len={a.seq}",
                                 f"train.batch_size={a.batch}", "eval.before=false", "train.report_to=[jsonl]",
-                                "train.overwrite_output=true", f"train.lr={a.lr}", "train.save_steps=0", *extra])
+                                "train.overwrite_output=true", f"train.lr={a.lr}", "train.save_steps=0",
+                                "train.gradient_checkpointing=false", *extra])
 
 
 def _eval_set(a):

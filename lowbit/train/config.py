@@ -116,6 +116,15 @@ class QatSection:
 
 
 @dataclass
+class DistillSection:
+    """Knowledge distillation from a full-precision teacher (LLM-QAT): KL at a temperature, optionally + CE."""
+    teacher: str = ""             # "" = off; "base" = model.path unquantized in the compute dtype; or a model folder
+    source: str = "online"        # online: run the teacher on each batch; offline: top-k logits stored by lowbit generate
+    temperature: float = 1.0
+    alpha: float = 1.0            # weight of the KL term; (1 - alpha) weighs next-token cross entropy
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -123,6 +132,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     qat: QatSection = field(default_factory=QatSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,7 +144,8 @@ CHOICES = {
     "model.quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "lora.init": ("zero", "loftq"),
     "lora.loftq.svd": ("lowrank", "full"),
-    "data.format": ("text", "prompt_completion", "chat"),
+    "data.format": ("text", "prompt_completion", "chat", "generated"),
+    "distill.source": ("online", "offline"),
     "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
     "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "qat.kv_position": ("pre_rope", "post_rope"),
@@ -287,6 +298,7 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if cfg.qat.scheme:
         qat_config(cfg)  # resolvable, and compatible with the LoRA settings
+    _check_distill(cfg)
 
 
 def qat_config(cfg: RunConfig):
@@ -322,3 +334,17 @@ def _check_loftq(cfg: RunConfig) -> None:
         raise ConfigError("lora.loftq.calibration_samples must be >= 1 and calibration_seq_len >= 2")
     if not lq.damp > 0:
         raise ConfigError(f"lora.loftq.damp must be > 0, got {lq.damp}")
+
+
+def _check_distill(cfg: RunConfig) -> None:
+    d = cfg.distill
+    if d.source == "offline" and cfg.data.format != "generated":
+        raise ConfigError("distill.source=offline reads the teacher's top-k logits stored by `lowbit generate`; set "
+                          "data.format=generated with data.train_files=[<generate output dir>], or distill.source=online")
+    if d.source == "offline" and not d.teacher:
+        d.teacher = "stored"  # offline needs no model, but the section is on
+    if d.temperature <= 0 or not 0 <= d.alpha <= 1:
+        raise ConfigError(f"distill.temperature must be > 0 and distill.alpha in [0, 1]; got {d.temperature}, {d.alpha}")
+    if d.teacher and d.teacher not in ("base", "stored") and not Path(d.teacher).exists():
+        raise InputError(f"distill.teacher {d.teacher} does not exist; give a model folder or 'base' (model.path "
+                         "unquantized)")

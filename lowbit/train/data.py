@@ -6,6 +6,8 @@ loss on assistant turns).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import torch
@@ -103,15 +105,29 @@ def _chat(rows, tok, cfg: DataConfig) -> list[dict]:
 _BUILDERS = {"text": _pack_text, "prompt_completion": _prompt_completion, "chat": _chat}
 
 
-def build_examples(files: list[str], tok, cfg: DataConfig) -> list[dict]:
+def build_examples(files: list[str], tok, cfg: DataConfig, with_topk: bool = False) -> list[dict]:
+    if cfg.format == "generated":
+        return _generated(files, tok, cfg, with_topk)
     return _BUILDERS[cfg.format](_load_rows(files, cfg.format), tok, cfg)
 
 
-def build_datasets(tok, cfg: DataConfig, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train examples, eval examples); eval from data.eval_files or a held-out fraction."""
-    train = build_examples(cfg.train_files, tok, cfg)
+def _generated(dirs: list[str], tok, cfg: DataConfig, with_topk: bool) -> list[dict]:
+    """Sequences written by `lowbit generate` (each directory holds a manifest and shards)."""
+    from ..data_gen.dataset import GeneratedDataset
+    out = []
+    for d in dirs:
+        ds = GeneratedDataset(d, tok, cfg.max_seq_len, with_topk=with_topk)
+        out.extend(ds[i] for i in range(len(ds)))
+    return out
+
+
+def build_datasets(tok, cfg: DataConfig, seed: int = 0, with_topk: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train examples, eval examples); eval from data.eval_files or a held-out fraction.
+    With data.format=generated the eval files are plain text (held-out real text)."""
+    train = build_examples(cfg.train_files, tok, cfg, with_topk)
     if cfg.eval_files:
-        evals = build_examples(cfg.eval_files, tok, cfg)
+        evals = build_examples(cfg.eval_files, tok, dataclasses.replace(cfg, format="text")
+                               if cfg.format == "generated" else cfg)
     elif cfg.eval_fraction > 0:
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(train), generator=g).tolist()
@@ -136,6 +152,9 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict]) -> dict:
+        if "topk_values" in batch[0]:  # generated data with the teacher's top-k logits
+            from ..data_gen.dataset import collate
+            return collate(batch, self.pad_id)
         L = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), L), IGNORE, dtype=torch.long)

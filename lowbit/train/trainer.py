@@ -32,29 +32,40 @@ log = logging.getLogger("lowbit")
 
 
 class LowbitTrainer(Trainer):
-    def __init__(self, *a, lowbit_cfg: RunConfig, **kw):
+    def __init__(self, *a, lowbit_cfg: RunConfig, teacher=None, **kw):
         self.lowbit_cfg = lowbit_cfg
+        self.teacher = teacher  # frozen full-precision model for online distillation (None: CE or stored top-k)
         super().__init__(*a, **kw)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        chunk = self.lowbit_cfg.train.loss_chunk_tokens
         inner = self.accelerator.unwrap_model(model)
         if inner is model:
-            loss = causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"), chunk)
+            loss = self._loss(model, **inputs)
         else:
             # [issue 7 / lowbit.scale] a DDP/DeepSpeed wrapper only all-reduces gradients (ZeRO-3: gathers
             # params) for a forward that goes through it, so run the chunked loss as the inner forward
-            inner.forward = lambda input_ids, labels, attention_mask=None: causal_lm_loss(
-                inner, input_ids, labels, attention_mask, chunk)
+            inner.forward = lambda **kw: self._loss(inner, **kw)
             try:
-                loss = model(input_ids=inputs["input_ids"], labels=inputs["labels"],
-                             attention_mask=inputs.get("attention_mask"))
+                loss = model(**inputs)
             finally:
                 del inner.forward
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at step {self.state.global_step}; stopping. The last "
                                 f"good checkpoint in {self.args.output_dir} is kept — lower train.lr or check the data")
         return (loss, None) if return_outputs else loss
+
+    def _loss(self, model, input_ids, labels, attention_mask=None, topk_values=None, topk_indices=None):
+        """Next-token CE, or the distillation loss when the run has a teacher (online or stored top-k)."""
+        cfg = self.lowbit_cfg
+        chunk = cfg.train.loss_chunk_tokens
+        if not cfg.distill.teacher:
+            return causal_lm_loss(model, input_ids, labels, attention_mask, chunk)
+        from .distill import distill_loss
+        d = cfg.distill
+        return distill_loss(model, input_ids, labels, attention_mask, teacher=self.teacher,
+                            topk_values=topk_values if self.teacher is None else None,
+                            topk_indices=topk_indices if self.teacher is None else None,
+                            temperature=d.temperature, alpha=d.alpha, chunk_tokens=chunk)
 
     def create_optimizer(self):
         if self.optimizer is None:
@@ -98,6 +109,19 @@ def _head_weight(model):
     return base.get_output_embeddings().weight
 
 
+def _load_teacher(cfg: RunConfig):
+    """The frozen full-precision teacher for online distillation (None otherwise)."""
+    d = cfg.distill
+    if not d.teacher or d.source == "offline":
+        return None
+    from ..models import load_model
+    path = cfg.model.path if d.teacher == "base" else d.teacher
+    teacher, _ = load_model(path, load_in_4bit=False, compute_dtype=cfg.model.quant.compute_dtype,
+                            trust_remote_code=cfg.model.trust_remote_code, progress=False)
+    print(f"distilling from {path} (T={d.temperature}, alpha={d.alpha})", flush=True)
+    return teacher.eval().requires_grad_(False)
+
+
 def _save_adapter(model, out: Path) -> Path:
     with atomic_dir(out / "adapter", overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -129,7 +153,8 @@ def run(cfg: RunConfig) -> dict:
     if cfg.lora.init == "loftq":  # [issue 6] requantize the base in place before LoRA wraps it
         from ..export.loftq import loftq_for_run
         loftq = loftq_for_run(model, tok, cfg, out, resuming=resume is not None)
-    train_ex, eval_ex = build_datasets(tok, cfg.data, cfg.train.seed)
+    offline = bool(cfg.distill.teacher) and cfg.distill.source == "offline"
+    train_ex, eval_ex = build_datasets(tok, cfg.data, cfg.train.seed, with_topk=offline)
     collate = Collator(tok.pad_token_id)
     prepare_for_kbit_training(model, cfg.train.gradient_checkpointing)
     lc = cfg.lora
@@ -166,7 +191,11 @@ def run(cfg: RunConfig) -> dict:
     if qcfg is not None:
         callbacks.append(qat_run.QATStep(model))
     trainer = LowbitTrainer(model=model, args=args, train_dataset=train_ex, data_collator=collate,
-                            callbacks=callbacks, lowbit_cfg=cfg)
+                            callbacks=callbacks, lowbit_cfg=cfg, teacher=_load_teacher(cfg))
+    if trainer.teacher is not None:
+        from .distill import _head_rows, check_vocab
+        check_vocab(_head_rows(model), _head_rows(trainer.teacher))  # before any step, not at the first loss
+        trainer.teacher.to(args.device)
     result = trainer.train(resume_from_checkpoint=resume)
     metrics.update({"train_loss": result.training_loss, "train_steps": result.global_step,
                     "train_runtime_s": result.metrics.get("train_runtime")})
