@@ -11,7 +11,8 @@ Gap recovered = (ppl_PTQ − ppl_QAT) / (ppl_PTQ − ppl_bf16), against the fine
 (the fair comparison: both saw the same data) and, for reference, against the original model.
 
     .venv/bin/python scripts/benchmark_qat.py [--steps 40] [--batch 4] [--seq 256] [--lr 2e-4] [--eval-blocks 24]
-                                              [--out outputs/bench/qat] [--skip-merge]
+                                              [--out outputs/bench/qat] [--skip-merge] [--schemes ...]
+Measured numbers go to <out>/results.json as they come; rerunning with the same settings resumes.
 """
 from __future__ import annotations
 
@@ -63,13 +64,31 @@ def _model(a, four_bit=False, adapter=None):
     return load_adapter(m, adapter) if adapter else m
 
 
-def _ptq(a, ev, model, tag):
+class Results(dict):
+    """Numbers saved to <out>/results.json as they are measured; a rerun with the same settings skips them."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        old = json.loads(path.read_text()) if path.exists() else {}
+        super().__init__(old if old.get("settings") == settings else {"settings": settings})
+
+    def get_or(self, key, fn):
+        if key not in self:
+            from lowbit.utils.io import write_json
+            self[key] = fn()
+            write_json(self.path, dict(self))
+        return self[key]
+
+
+def _ptq(a, ev, res, load, tag):
     import lowbit.qat as qat
-    out = {}
+    model = None
     for s in SCHEMES:
-        out[s] = _ppl(qat.prepare(model, s), ev, f"{tag} PTQ {s}")
-        qat.unprepare(model)
-    return out
+        if f"{tag} PTQ {s}" not in res:
+            model = model or load()
+        res.get_or(f"{tag} PTQ {s}", lambda: _ppl(qat.prepare(model, s), ev, f"{tag} PTQ {s}"))
+        if model is not None:
+            qat.unprepare(model)
 
 
 def _train(a, out, *extra):
@@ -78,7 +97,7 @@ def _train(a, out, *extra):
     m = run(_cfg(a, out, *extra))
     gc.collect()
     print(f"  {out}: eval ppl {m['eval_ppl_after']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return m["eval_ppl_after"], time.perf_counter() - t0
+    return m["eval_ppl_after"]
 
 
 def main() -> int:
@@ -91,61 +110,57 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--out", default="outputs/bench/qat")
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=SCHEMES, help="QAT runs to do now")
     a = ap.parse_args()
     import lowbit.qat as qat
     from _bench import machine_info, markdown_table, write_results
     ev = _eval_set(a)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    res = Results(Path(a.out) / "results.json", {"steps": a.steps, "lr": a.lr, "eval_blocks": a.eval_blocks,
+                                                 "batch": a.batch, "seq": a.seq})
     t_start = time.perf_counter()
-    res: dict = {"steps": a.steps, "lr": a.lr, "eval_blocks": a.eval_blocks, "batch": a.batch, "seq": a.seq}
-    print("bf16 base", flush=True)
-    base = _model(a)
-    res["bf16"] = _ppl(base, ev, "bf16")
-    res["ptq_base"] = _ptq(a, ev, base, "base")
-    del base
-    print("LoRA fine-tune (bf16, no QAT)", flush=True)
-    res["ft"], res["ft_s"] = _train(a, "ft", "qat.scheme=")
-    ft = _model(a, adapter=f"{a.out}/ft/adapter")
-    res["ptq_ft"] = _ptq(a, ev, ft, "fine-tuned")
-    del ft
-    res["qat"], res["qat_s"] = {}, {}
-    for s in SCHEMES:
-        print(f"QAT + LoRA {s}", flush=True)
-        res["qat"][s], res["qat_s"][s] = _train(a, f"qat-{s}", f"qat.scheme={s}")
+    res.get_or("bf16", lambda: _ppl(_model(a), ev, "bf16"))
+    _ptq(a, ev, res, lambda: _model(a), "base")
+    res.get_or("ft", lambda: _train(a, "ft", "qat.scheme="))  # LoRA fine-tune, bf16, no QAT
+    _ptq(a, ev, res, lambda: _model(a, adapter=f"{a.out}/ft/adapter"), "fine-tuned")
+    for s in a.schemes:
+        res.get_or(f"QAT {s}", lambda: _train(a, f"qat-{s}", f"qat.scheme={s}"))
     if not a.skip_merge:
-        print("NF4 base: naive QLoRA merge vs merge-aware QAT", flush=True)
-        nf4 = _model(a, four_bit=True)
-        res["nf4"] = _ppl(nf4, ev, "NF4 base")
-        del nf4
         four = ["model.quant.load_in_4bit=true"]
-        res["naive_trained"], _ = _train(a, "qlora-naive", *four, "qat.scheme=")
-        merged = _model(a, four_bit=True, adapter=f"{a.out}/qlora-naive/adapter").merge_and_unload()
-        res["naive_exported"] = _ppl(merged, ev, "naive merge → NF4")
-        del merged
-        res["aware_trained"], _ = _train(a, "qlora-aware", *four, "qat.scheme=nf4")
-        res["aware_exported"] = _ppl(qat.load_quantized(f"{a.out}/qlora-aware/quantized"), ev, "merge-aware → NF4")
-    res["total_s"] = time.perf_counter() - t_start
+        res.get_or("nf4", lambda: _ppl(_model(a, four_bit=True), ev, "NF4 base"))
+        res.get_or("naive_trained", lambda: _train(a, "qlora-naive", *four, "qat.scheme="))
+        res.get_or("naive_exported", lambda: _ppl(
+            _model(a, four_bit=True, adapter=f"{a.out}/qlora-naive/adapter").merge_and_unload(), ev,
+            "naive merge → NF4"))
+        res.get_or("aware_trained", lambda: _train(a, "qlora-aware", *four, "qat.scheme=nf4"))
+        res.get_or("aware_exported", lambda: _ppl(qat.load_quantized(f"{a.out}/qlora-aware/quantized"), ev,
+                                                  "merge-aware → NF4"))
+    res["total_s_this_invocation"] = time.perf_counter() - t_start
 
     rows = []
-    for s in SCHEMES:
-        ptq, ptq0, q = res["ptq_ft"][s], res["ptq_base"][s], res["qat"][s]
+    for s in [s for s in SCHEMES if f"QAT {s}" in res]:
+        ptq, ptq0, q = res[f"fine-tuned PTQ {s}"], res[f"base PTQ {s}"], res[f"QAT {s}"]
         rows.append({"scheme": s, "bf16 (orig)": res["bf16"], "PTQ (orig)": ptq0, "bf16 fine-tuned": res["ft"],
                      "PTQ of fine-tuned": ptq, "QAT": q,
                      "gap recovered vs fine-tuned": (ptq - q) / (ptq - res["ft"]),
                      "gap recovered vs orig": (ptq0 - q) / (ptq0 - res["bf16"])})
     merge_rows = []
-    if not a.skip_merge:
+    if "aware_exported" in res:
         for name, tr, ex in (("naive QLoRA merge", res["naive_trained"], res["naive_exported"]),
                              ("merge-aware QAT (nf4)", res["aware_trained"], res["aware_exported"])):
             merge_rows.append({"method": name, "NF4 base": res["nf4"], "trained": tr, "exported NF4": ex,
                                "gain surviving export": (res["nf4"] - ex) / (res["nf4"] - tr)})
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    write_results(rows, Path(a.out) / "qat", {**machine_info(), **res})
+    if rows:
+        write_results(rows, Path(a.out) / "qat", {**machine_info(), **res})
     if merge_rows:
         write_results(merge_rows, Path(a.out) / "qat_merge", {**machine_info(), **res})
-    print(markdown_table(rows, list(rows[0])))
+    if rows:
+        print(markdown_table(rows, list(rows[0])))
     if merge_rows:
         print(markdown_table(merge_rows, list(merge_rows[0])))
-    _plot(rows, Path(a.out) / "qat.png")
+    if rows:
+        _plot(rows, Path(a.out) / "qat.png")
     print(json.dumps(res, indent=1))
     return 0
 
