@@ -208,7 +208,8 @@ def test_kill_and_resume(tiny_model_dirs, tmp_path):
     args = [f"teacher.path={d}", "teacher.dtype=float32", "teacher.device=cpu", f"generate.num_sequences={n}",
             "generate.batch_size=2", "output.shard_size=2", "generate.max_len=16", "output.topk_logits=3",
             "output.progress=false"]
-    cmd = [sys.executable, "-m", "lowbit.cli", "generate", "--config", str(ROOT / "configs/llm_qat/generate-gemma3-270m.yaml")]
+    cmd = [sys.executable, "-m", "lowbit.cli", "generate", "--config",
+           str(ROOT / "configs/llm_qat/generate-gemma3-270m.yaml")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd + args + [f"output.dir={out}"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)

@@ -19,7 +19,7 @@ from ..train.config import _apply_override, _build
 class TeacherConfig:
     path: str = ""
     tokenizer: str | None = None
-    dtype: str = "bfloat16"            # bfloat16 | float16 | float32 (bf16 is ~3x faster than fp32 on AMX CPUs)
+    dtype: str = "auto"                # auto = bf16 where it is fast (GPU, AVX512-BF16/AMX CPU), else fp32
     device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N
     trust_remote_code: bool = False
 
@@ -59,7 +59,7 @@ class GenerateConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {"teacher.dtype": ("bfloat16", "float16", "float32"), "generate.first_token": ("uniform", "every_id")}
+CHOICES = {"teacher.dtype": ("auto", "bfloat16", "float16", "float32"), "generate.first_token": ("uniform", "every_id")}
 
 
 def load_generate_config(path: str | Path | None, overrides: list[str] = ()) -> GenerateConfig:

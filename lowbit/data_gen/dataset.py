@@ -29,9 +29,9 @@ class GeneratedDataset(torch.utils.data.Dataset):
         teacher_vocab = m["identity"]["teacher"]["vocab_size"]
         if tokenizer is not None:
             if len(tokenizer) != tmeta["len"]:
-                raise ConfigError(f"vocabulary mismatch: the data in {out_dir} was generated with a {tmeta['len']}-token "
-                                  f"tokenizer, the student's has {len(tokenizer)}; use a student of the teacher's "
-                                  "family (same tokenizer)")
+                raise ConfigError(f"vocabulary mismatch: the data in {out_dir} was generated with a "
+                                  f"{tmeta['len']}-token tokenizer, the student's has {len(tokenizer)}; use a student "
+                                  "of the teacher's family (same tokenizer)")
             if tmeta["bos_id"] is not None and tokenizer.bos_token_id != tmeta["bos_id"]:
                 raise ConfigError(f"the data was generated after BOS id {tmeta['bos_id']}, the student's tokenizer "
                                   f"has BOS id {tokenizer.bos_token_id}; use the teacher's tokenizer")

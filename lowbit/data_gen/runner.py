@@ -41,7 +41,8 @@ def identity(cfg: GenerateConfig, model, tok) -> dict:
     from ..train.trainer import base_model_hash
     bos = tok.bos_token_id if cfg.generate.add_bos else None
     return {"teacher": {"hash": base_model_hash(cfg.teacher.path), "model_type": model.config.model_type,
-                        "vocab_size": model.get_output_embeddings().weight.shape[0], "dtype": cfg.teacher.dtype},
+                        "vocab_size": model.get_output_embeddings().weight.shape[0],
+                        "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
             "tokenizer": {"len": len(tok), "bos_id": bos, "eos_id": tok.eos_token_id},
             "settings": {**{k: v for k, v in vars(cfg.generate).items() if k != "num_sequences"},
                          "topk_logits": cfg.output.topk_logits}}

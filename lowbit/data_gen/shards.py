@@ -127,7 +127,8 @@ class ShardWriter:
 
     def _check_identity(self, m: dict) -> None:
         old, new = _flatten(m["identity"]), _flatten(self.identity)
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
         if diff:
             raise ConfigError(f"{self.dir} was generated with other settings ({'; '.join(diff[:4])}); resuming would "
                               "mix two datasets. Use the original settings, or a new output.dir")
