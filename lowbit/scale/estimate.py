@@ -14,8 +14,7 @@ parameters) to host memory, reported separately.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
@@ -253,11 +252,3 @@ def report(m: ModelShape, s: Setup, name: str = "") -> str:
     if r["host_offload"]:
         lines.append(f"  {'host (offload)':<12} {r['host_offload'] / GiB:7.3f} GiB")
     return "\n".join(lines)
-
-
-def setup_dict(s: Setup) -> dict:
-    return asdict(s)
-
-
-def gib(x: float) -> float:
-    return round(x / GiB, 3) if math.isfinite(x) else x
