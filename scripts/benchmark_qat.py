@@ -91,10 +91,10 @@ def _ptq(a, ev, res, load, tag):
             qat.unprepare(model)
 
 
-def _train(a, out, *extra):
+def _train(a, out, *extra, make_cfg=None):
     from lowbit.train.trainer import run
     t0 = time.perf_counter()
-    m = run(_cfg(a, out, *extra))
+    m = run((make_cfg or _cfg)(a, out, *extra))
     gc.collect()
     print(f"  {out}: eval ppl {m['eval_ppl_after']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return m["eval_ppl_after"]

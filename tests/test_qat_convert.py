@@ -29,9 +29,11 @@ def test_convert_forward_equals_prepared_forward_exactly(arch, preset):
     assert not any(isinstance(m, qat.FakeQuantizer) and m.role == "weight" for m in converted.modules())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("preset", ["w4a8kv4", "nf4", "fp4-e2m1", "w4a16-g128"])
-def test_converted_model_saves_and_reloads(tmp_path, preset):
-    model, tok = _model("gemma3")
+def test_converted_model_saves_and_reloads(tmp_path, preset, dtype):
+    # fp32 too: the reload must rebuild in the saved dtype (Gemma's embed_scale buffer is computed at init)
+    model, tok = make_tiny_model("gemma3", hidden=128, dtype=dtype)
     ids = torch.randint(0, 500, (1, 20))
     converted = qat.convert(qat.prepare(model, preset))
     ref = converted(ids).logits
@@ -43,6 +45,7 @@ def test_converted_model_saves_and_reloads(tmp_path, preset):
     assert meta["format"] == "lowbit.qat" and meta["version"] == "1"
     assert any(k.endswith(".codes") or k.endswith("weight.absmax") for k in keys)
     again = qat.load_quantized(tmp_path / "q")
+    assert again.model.embed_tokens.embed_scale.dtype == dtype
     assert torch.equal(again(ids).logits, ref)
 
 

@@ -49,7 +49,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, overwr
         state[k] = v.detach().contiguous()
     meta = {"format": FORMAT, "version": str(VERSION), "qat_config": json.dumps(cfg.to_dict()),
             "layers": json.dumps(_layer_kinds(model)), "tied": json.dumps(tied),
-            "compute_dtype": str(next(iter(state.values())).dtype)}
+            "compute_dtype": str(model.get_input_embeddings().weight.dtype)}
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -58,8 +58,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, overwr
     return Path(out_dir)
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Rebuild a converted model saved by `save_quantized` (its quantizers included)."""
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a converted model saved by `save_quantized` (its quantizers included), in the dtype it
+    was saved in (metadata compute_dtype) unless `dtype` is given. The model is built in that dtype, so
+    computed buffers (Gemma's embed_scale, RoPE) match the trained model's."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -81,6 +83,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> nn.
             raise InputError(f"{f} was written by a newer lowbit (format version {meta['version']}); upgrade lowbit")
         state = {k: sf.get_tensor(k) for k in sf.keys()}
     cfg = from_dict(json.loads(meta["qat_config"]))
+    dtype = dtype or getattr(torch, meta.get("compute_dtype", "torch.bfloat16").removeprefix("torch."))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     for name, info in json.loads(meta["layers"]).items():
         old = model.get_submodule(name)
