@@ -11,6 +11,9 @@ so glibc returns freed tensors to the OS instead of keeping them in its heap: RS
 live tensors (like a CUDA allocator's allocated, not reserved, bytes).
 
     .venv/bin/python scripts/benchmark_estimate.py [--steps 3] [--out outputs/bench/estimate]
+
+Measurements are kept in <out>.measured.json (keyed by case and steps): a rerun only measures
+what is missing and recomputes every estimate, so the estimator can be revised against them.
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ GEMMA = ROOT / ".cache/models/gemma-3-270m"
 CASES = [
     ("tiny-llama (h512, 4 layers, vocab 512)", None, 512, 8, "float32", False, 0.0),
     ("tiny-llama (h512, 4 layers, vocab 512)", None, 512, 8, "float32", True, 0.0),
-    ("gemma-3-270m", GEMMA, 256, 2, "bfloat16", True, 0.0),
-    ("gemma-3-270m", GEMMA, 256, 2, "bfloat16", False, 0.0),
-    ("gemma-3-270m", GEMMA, 256, 2, "bfloat16", True, 0.05),
+    # compute dtype as `compute_dtype: auto` picks it on the box that measured (fp32: AVX2 only)
+    ("gemma-3-270m", GEMMA, 256, 2, "float32", True, 0.0),
+    ("gemma-3-270m", GEMMA, 256, 2, "float32", False, 0.0),
+    ("gemma-3-270m", GEMMA, 256, 2, "float32", True, 0.05),
 ]
 
 
@@ -95,21 +99,29 @@ def main() -> int:
 
     from _bench import machine_info, markdown_table, write_results
 
+    from lowbit.utils.io import write_json
+
     from lowbit.scale.estimate import GiB, ModelShape, Setup, estimate
     from lowbit.testing import save_tiny_model
     rows = []
+    cache_path = Path(a.out + ".measured.json")
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         tiny = save_tiny_model(Path(tmp) / "tiny", "llama", hidden=512, layers=4)
         for name, model, seq, batch, dtype, gc_on, dropout in CASES:
             path = str(model or tiny)
             child = {"model_dir": path, "seq": seq, "batch": batch, "dtype": dtype, "gc_on": gc_on, "dropout": dropout}
-            p = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--child", json.dumps(child)],
-                               capture_output=True, text=True, cwd=ROOT,
-                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"})
-            if p.returncode:
-                print(p.stderr[-3000:], file=sys.stderr)
-                return 1
-            m = json.loads(p.stdout.strip().splitlines()[-1])
+            key = json.dumps([name, seq, batch, dtype, gc_on, dropout, a.steps])
+            if key not in cache:
+                p = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--child", json.dumps(child)],
+                                   capture_output=True, text=True, cwd=ROOT,
+                                   env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"})
+                if p.returncode:
+                    print(p.stderr[-3000:], file=sys.stderr)
+                    return 1
+                cache[key] = json.loads(p.stdout.strip().splitlines()[-1])
+                write_json(cache_path, cache)
+            m = cache[key]
             est = estimate(ModelShape.load(path), Setup(seq=seq, batch=batch, compute_dtype=dtype,
                                                         gradient_checkpointing=gc_on, lora_dropout=dropout))
             est_mb = est["total"] / 2**20

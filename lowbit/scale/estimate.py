@@ -1,7 +1,8 @@
 """Peak training memory per device, from the architecture alone (no weights read).
 
-Broken down into weights, adapters, gradients, optimizer state, activations, the chunked
-loss's logits, and transient workspace. Activations are counted tensor by tensor from
+Broken down into what stays resident (weights, adapters, gradients, optimizer state), the
+activations stored by the forward, and the transients of the three moments that can hold the
+peak: the chunked loss's logits, one layer's backward, the optimizer step. Activations are counted tensor by tensor from
 what autograd keeps for a Llama/Gemma/Qwen/Mistral decoder layer as lowbit runs it (our
 Linear4bit + peft LoRA, SDPA attention, HF RMSNorm), so the numbers follow the code, not
 a rule of thumb; `tests/test_scale_estimate.py` checks the per-layer count against autograd's
@@ -23,6 +24,7 @@ GiB = 1024 ** 3
 METHODS = ("qlora", "lora", "full", "qat")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RESIDENT = ("weights", "adapters", "gradients", "optimizer", "runtime")  # alive through the whole step
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Published architectures (their config.json values) for sizing models not on disk.
@@ -211,19 +213,26 @@ def estimate(m: ModelShape, s: Setup) -> dict:
             host += weights
             weights = 0.0
     per_layer = layer_activation_bytes(m, s)
-    if s.gradient_checkpointing:                  # layer inputs kept; one layer recomputed in backward
-        activations = m.layers * e * T * m.hidden + per_layer
+    # The peak is the largest of three moments, not the sum of their transients (measured with a
+    # dispatch-mode tracker of live tensors: tiny Llama, checkpointing on and off):
+    #   loss:     stored activations + the final norm's input + the chunked loss's logits
+    #   backward: stored activations + one layer's recomputed activations (checkpointing) + the
+    #             layer's gradient workspace; the loss phase's tensors are freed by then
+    #   step:     the optimizer's temporaries; activations are freed by then
+    if s.gradient_checkpointing:                  # each layer's input kept (layer 0's = the embedding output)
+        activations = m.layers * e * T * m.hidden
+        recompute = per_layer
     else:
         activations = m.layers * per_layer
-    activations += 4 * T * m.hidden + e * T * m.hidden  # final norm input, embedding output
+        recompute = 0
     # chunked loss with a frozen head: d(loss)/dh kept for all tokens; one chunk's logits live
     # as the matmul output (compute dtype) and its fp32 copy, then the fp32 softmax cast back
     C = min(s.loss_chunk_tokens, T)
-    logits = e * T * m.hidden + C * m.vocab * (4 + (e if e != 4 else 0))
+    logits = 4 * T * m.hidden + e * T * m.hidden + C * m.vocab * (4 + (e if e != 4 else 0))
     if s.method in ("full", "qat"):
         logits += C * m.vocab * 4                 # trainable head: chunks recomputed with grads
-    # transients: backward's activation gradients for one layer; the 4-bit backward (and QAT's
-    # fake-quantized forward) dequantizes one weight; the gathered layer under ZeRO-3
+    # backward's activation gradients for one layer; the 4-bit backward (and QAT's fake-quantized
+    # forward) dequantizes one weight; the gathered layer under ZeRO-3
     big_in, big_out = max(shapes.values(), key=lambda t: t[0] * t[1])
     workspace = 3 * e * T * m.intermediate + 2 * e * T * m.hidden
     if s.method in ("qlora", "qat"):
@@ -231,24 +240,30 @@ def estimate(m: ModelShape, s: Setup) -> dict:
     if s.zero_stage == 3 and W > 1:
         workspace += sum(x * y for x, y in shapes.values()) * (
             _quant_bytes_per_param(s.blocksize, s.double_quant) if s.method == "qlora" else e)
-    if s.optimizer == "adamw_torch":
-        workspace = max(workspace, trainable / shard_o * 4)  # foreach AdamW's sqrt(v) temporary at step time
+    backward = recompute + workspace
+    step = trainable / shard_o * 4 if s.optimizer == "adamw_torch" else 0  # foreach AdamW's sqrt(v) temporary
+    phases = {"loss": activations + logits, "backward": activations + backward, "step": step}
+    peak_phase = max(phases, key=phases.get)
     parts = {"weights": weights, "adapters": adapters, "gradients": gradients, "optimizer": optimizer,
-             "activations": activations, "logits": logits, "workspace": workspace, "runtime": s.runtime_bytes}
+             "runtime": s.runtime_bytes, "activations": activations, "logits": logits, "backward": backward,
+             "step": step}
     parts = {k: int(v) for k, v in parts.items()}
-    return {**parts, "total": sum(parts.values()), "host_offload": int(host), "trainable_params": int(trainable),
-            "params": m.params(), "per_layer_activations": per_layer}
+    resident = sum(parts[k] for k in RESIDENT)
+    return {**parts, "total": resident + int(phases[peak_phase]), "peak_phase": peak_phase,
+            "host_offload": int(host), "trainable_params": int(trainable), "params": m.params(),
+            "per_layer_activations": per_layer}
 
 
 def report(m: ModelShape, s: Setup, name: str = "") -> str:
     r = estimate(m, s)
+    what = {"loss": "activations + logits", "backward": "activations + backward", "step": "step"}[r["peak_phase"]]
     lines = [f"{name or m.arch}: {m.params() / 1e9:.3f}B params, {r['trainable_params'] / 1e6:.2f}M trainable; "
              f"{s.method}, seq {s.seq} x batch {s.batch}, {s.optimizer}, gradient checkpointing "
              f"{'on' if s.gradient_checkpointing else 'off'}, world {s.world_size}, ZeRO-{s.zero_stage}"]
-    for k in ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "workspace", "runtime"):
+    for k in (*RESIDENT, "activations", "logits", "backward", "step"):
         if r[k] or k != "runtime":
-            lines.append(f"  {k:<12} {r[k] / GiB:9.3f} GiB")
-    lines.append(f"  {'peak':<12} {r['total'] / GiB:9.3f} GiB per device")
+            lines.append(f"  {k:<12} {r[k] / GiB:9.3f} GiB" + ("  (transient)" if k in ("logits", "backward", "step") else ""))
+    lines.append(f"  {'peak':<12} {r['total'] / GiB:9.3f} GiB per device (resident + {what}: the {r['peak_phase']} phase)")
     if r["host_offload"]:
         lines.append(f"  {'host (offload)':<12} {r['host_offload'] / GiB:7.3f} GiB")
     return "\n".join(lines)
