@@ -19,4 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _shutdown_distributed()  # only after success: a barrier behind a failed rank would hang the others
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter does: left to exit, a gloo/DeepSpeed
+    worker thread was destroyed while joinable and aborted one rank ("terminate called without an
+    active exception", SIGABRT after a finished ZeRO-3 run)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
