@@ -9,10 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..errors import ConfigError, InputError
-from ..train.config import _apply_override, _build
+from ..errors import ConfigError
+from ..train.config import _build, read_tree
 
 
 @dataclass
@@ -63,18 +61,7 @@ CHOICES = {"teacher.dtype": ("auto", "bfloat16", "float16", "float32"), "generat
 
 
 def load_generate_config(path: str | Path | None, overrides: list[str] = ()) -> GenerateConfig:
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise InputError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    for item in overrides:
-        _apply_override(tree, item)
-    cfg = _build(GenerateConfig, tree, "")
+    cfg = _build(GenerateConfig, read_tree(path, overrides), "")
     check(cfg)
     return cfg
 

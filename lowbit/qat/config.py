@@ -9,9 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 
 DTYPES = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
@@ -150,13 +148,8 @@ def resolve(config) -> QATConfig:
         if s in PRESETS:
             return preset_config(s)
         if s.endswith((".yaml", ".yml")) or Path(s).exists():
-            p = Path(s)
-            if not p.exists():
-                raise InputError(f"QAT config file {p} does not exist")
-            try:
-                tree = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p} is not valid YAML: {e}") from None
+            from ..utils.io import read_yaml
+            tree = read_yaml(s, "QAT config file")
             tree = tree.get("qat", tree) if isinstance(tree, dict) else tree
             return from_dict(tree)
         return preset_config(s)

@@ -262,19 +262,17 @@ def _apply_override(tree: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise InputError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+def read_tree(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The YAML file (if any) with key=value overrides applied: what `_build` turns into a config."""
+    from ..utils.io import read_yaml
+    tree = read_yaml(path) if path is not None else {}
     for item in overrides:
         _apply_override(tree, item)
-    cfg = _build(RunConfig, tree, "")
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    cfg = _build(RunConfig, read_tree(path, overrides), "")
     check(cfg)
     return cfg
 

@@ -77,3 +77,17 @@ def atomic_dir(path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_yaml(path: str | Path, what: str = "config file"):
+    """A YAML file's tree ({} when empty); a missing file or bad YAML is one clear error."""
+    import yaml
+
+    from ..errors import ConfigError, InputError
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
