@@ -9,6 +9,7 @@ resumed run does, are bit-identical).
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,12 @@ class Generated:
     topk_indices: torch.Tensor | None = None     # [positions, k] int32 token ids
 
 
+def _cache_name(model) -> str:
+    """The KV-cache argument/output name: `cache` from transformers 5.24 (where `past_key_values` is
+    deprecated, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate_batch(model, indices: list[int], s: SamplingConfig, first_ids: torch.Tensor, bos_id: int | None,
                    eos_id: int | None, topk: int = 0) -> list[Generated]:
@@ -88,8 +95,9 @@ def generate_batch(model, indices: list[int], s: SamplingConfig, first_ids: torc
     gens, first, n_greedy = draw_starts(indices, s, first_ids)
     prefix = [bos_id] if s.add_bos and bos_id is not None else []
     x = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(len(indices), -1), first[:, None]], 1).to(device)
+    kv = _cache_name(model)
     out = model(input_ids=x, use_cache=True, logits_to_keep=0 if topk else 1)
-    cache, logits = out.past_key_values, out.logits
+    cache, logits = out[kv], out.logits
     kept_v, kept_i = [], []
 
     def keep_topk(lg):
@@ -115,8 +123,8 @@ def generate_batch(model, indices: list[int], s: SamplingConfig, first_ids: torc
             done |= nxt == eos_id
         if step == s.max_len - 1 or bool(done.all()):
             break
-        out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits
+        out = model(input_ids=nxt[:, None], use_cache=True, **{kv: cache})
+        cache, logits = out[kv], out.logits
         if topk:
             keep_topk(logits)
     ids = torch.stack(tokens, 1).cpu()
