@@ -1,7 +1,7 @@
 """Entry point: `accelerate launch train.py --config configs/qlora/....yaml [key=value ...]`."""
 import sys
 
-from lowbit.train.cli import main
+from lowbit.recipes.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

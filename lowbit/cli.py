@@ -1,17 +1,17 @@
-"""`lowbit <command>`: train, generate, merge, export, estimate."""
+"""`lowbit <command>` (or `python -m lowbit <command>`): train, generate, merge, export, estimate, config."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 # command -> (module with main(argv), whether that main takes the command name as argv[0]).
 # Imported lazily so `lowbit train` never pays for (or breaks on) the other subpackages.
-COMMANDS = {"train": ("lowbit.train.cli", False), "generate": ("lowbit.data_gen.cli", False),
+COMMANDS = {"train": ("lowbit.recipes.cli", False), "generate": ("lowbit.methods.data_gen.cli", False),
             "merge": ("lowbit.export.cli", True), "export": ("lowbit.export.cli", True),
-            "estimate": ("lowbit.scale.estimate_cli", False)}
+            "estimate": ("lowbit.estimate.cli", False), "config": ("lowbit.recipes.config_cli", False)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: lowbit {{{','.join(COMMANDS)}}} ...", file=sys.stderr)

@@ -8,7 +8,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 _SCRATCH: list = []
 
 

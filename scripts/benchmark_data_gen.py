@@ -1,6 +1,6 @@
 """Data generation throughput on Gemma-3-270M (CPU; compute dtype "auto": bf16 where the CPU has
 native bf16, else fp32): lowbit's batched KV-cache sampler
-(`lowbit.data_gen.sampler.generate_batch`, batch 16) vs the same sequences one at a time with
+(`lowbit.methods.data_gen.sampler.generate_batch`, batch 16) vs the same sequences one at a time with
 `model.generate`. Same teacher, same settings (greedy 3-5 tokens then temperature 1.0,
 top-k 50), same count: every sequence is forced to its full length (no EOS stop), so both
 produce exactly n_seqs x max_len tokens.
@@ -33,8 +33,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
 
-    from lowbit.data_gen.config import SamplingConfig
-    from lowbit.data_gen.sampler import draw_starts, first_token_ids, generate_batch
+    from lowbit.methods.data_gen.config import SamplingConfig
+    from lowbit.methods.data_gen.sampler import draw_starts, first_token_ids, generate_batch
     from lowbit.models.load import load_4bit_weights
     model = load_4bit_weights(a.model, load_in_4bit=False, compute_dtype="auto", progress=False).eval()
     tok = AutoTokenizer.from_pretrained(a.model)

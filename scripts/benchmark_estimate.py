@@ -60,8 +60,8 @@ def measure(model_dir: str, seq: int, batch: int, dtype: str, gc_on: bool, dropo
 
     from lowbit.models import load_model
     from lowbit.modules.lora import add_lora, prepare_for_kbit_training
-    from lowbit.train.loss import causal_lm_loss
-    from lowbit.train.optim import build_optimizer
+    from lowbit.recipes.loss import causal_lm_loss
+    from lowbit.recipes.optim import build_optimizer
     torch.manual_seed(0)
     model, _ = load_model(model_dir, compute_dtype=dtype, progress=False)
     prepare_for_kbit_training(model, gc_on)
@@ -99,10 +99,9 @@ def main() -> int:
 
     from _bench import machine_info, markdown_table, write_results
 
-    from lowbit.utils.io import write_json
-
-    from lowbit.scale.estimate import GiB, ModelShape, Setup, estimate
+    from lowbit.estimate.memory import GiB, ModelShape, Setup, estimate
     from lowbit.testing import save_tiny_model
+    from lowbit.utils.io import write_json
     rows = []
     cache_path = Path(a.out + ".measured.json")
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}

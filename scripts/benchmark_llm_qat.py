@@ -33,7 +33,7 @@ RUNS = ("df-nf4", *(f"df-{s}" for s in SCHEMES), *(f"real-{s}" for s in SCHEMES)
 
 
 def _cfg(a, out: str, *extra):
-    from lowbit.train.config import load_config
+    from lowbit.recipes.config import load_config
     return load_config(DISTILL_CONFIG, [
         f"model.path={a.model}", f"train.output_dir={a.out}/{out}", f"train.max_steps={a.steps}",
         f"train.batch_size={a.batch}", f"train.lr={a.lr}", f"data.max_seq_len={a.gen_len}",
@@ -44,7 +44,7 @@ def _cfg(a, out: str, *extra):
 
 def _run(a, name: str) -> float:
     """Train one student; the QAT ones are evaluated as the converted (real low-bit) model."""
-    import lowbit.qat as qat
+    import lowbit.methods.qat as qat
     kind, scheme = name.split("-", 1)
     extra = ["data.format=text", "data.train_files=[data/shakespeare/train.txt]"] if kind == "real" else []
     if scheme == "nf4":
@@ -65,13 +65,15 @@ def main() -> int:
     ap.add_argument("--out", default="outputs/bench/llm_qat")
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=RUNS, help="students to train now")
     a = ap.parse_args()
-    import lowbit.qat as qat
     from _bench import machine_info, markdown_table, write_results
     from benchmark_qat import _model
-    from lowbit.data_gen.config import load_generate_config
-    from lowbit.data_gen.runner import run as generate
-    from lowbit.train.data import Collator, build_datasets
     from transformers import AutoTokenizer
+
+    import lowbit.methods.qat as qat
+    from lowbit.methods.data_gen.config import load_generate_config
+    from lowbit.methods.data_gen.runner import run as generate
+    from lowbit.recipes.data import build_datasets
+    from lowbit.utils.batching import Collator
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def main() -> int:
     for s in SCHEMES:
         if f"RTN {s}" not in res:
             teacher = teacher or _model(a)
-            res.get_or(f"RTN {s}", lambda: _ppl(qat.prepare(teacher, s), a.ev, f"RTN PTQ {s}"))
+            res.get_or(f"RTN {s}", lambda t=teacher, s=s: _ppl(qat.prepare(t, s), a.ev, f"RTN PTQ {s}"))
             qat.unprepare(teacher)
     del teacher
     for name in a.runs:

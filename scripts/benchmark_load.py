@@ -33,6 +33,7 @@ def worker(method: str, model_path: str) -> dict:
     import torch
     base_rss = _rss_mb()  # interpreter + torch + transformers imports
     import transformers  # noqa: F401
+
     import lowbit.models as lm
     base_rss = _rss_mb()
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@ from the NF4 base with zero-init, weight-space LoftQ and calibrated (activation-
 before training (the init alone) and after the same short fine-tune — plus LoftQ's init time and the
 peak RSS after load + LoftQ.
 
-Every QLoRA variant is the real trainer (`lowbit.train.trainer.run`) on the given config with only
+Every QLoRA variant is the real trainer (`lowbit.recipes.run`) on the given config with only
 `lora.init` / `lora.loftq.*` changed, so all share data, eval blocks, seed and steps; bf16 is scored
 on the same eval blocks. Each method runs in its own subprocess (its own peak RSS). Writes JSON +
 PNG, and the markdown table to stdout.
@@ -46,11 +46,13 @@ def _overrides(method: str, a) -> list[str]:
 
 def _init_only(method: str, cfg) -> dict:
     """The trainer's steps up to its first eval (load, LoftQ, LoRA) and that eval: the init alone."""
-    from lowbit.export.loftq import apply_loftq, loftq_for_run
+    from lowbit.methods.loftq import apply_loftq
     from lowbit.models import load_model
     from lowbit.modules.lora import add_lora, prepare_for_kbit_training
-    from lowbit.train.data import Collator, build_datasets
-    from lowbit.train.loss import perplexity
+    from lowbit.recipes.data import build_datasets
+    from lowbit.recipes.loftq_init import loftq_for_run
+    from lowbit.recipes.loss import perplexity
+    from lowbit.utils.batching import Collator
     q, lc = cfg.model.quant, cfg.lora
     model, tok = load_model(cfg.model.path, quant_type=q.quant_type, blocksize=q.blocksize,
                             double_quant=q.double_quant, compute_dtype=q.compute_dtype)
@@ -76,15 +78,16 @@ def worker(method: str, phase: str, a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
 
-    from lowbit.train.config import load_config
+    from lowbit.recipes.config import load_config
     out: dict = {}
     t0 = time.perf_counter()
     cfg = load_config(a.config, _overrides(method if method != "bf16" else "zero", a))
     if method == "bf16":  # the same eval blocks the trainer scores, on the unquantized model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from lowbit.train.data import Collator, build_datasets
-        from lowbit.train.loss import perplexity
+        from lowbit.recipes.data import build_datasets
+        from lowbit.recipes.loss import perplexity
+        from lowbit.utils.batching import Collator
         tok = AutoTokenizer.from_pretrained(cfg.model.path)
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.bfloat16).eval()
         _, eval_ex = build_datasets(tok, cfg.data, cfg.train.seed)
@@ -94,7 +97,7 @@ def worker(method: str, phase: str, a) -> dict:
     elif phase == "init":
         out.update(_init_only(method, cfg))
     else:
-        from lowbit.train.trainer import run
+        from lowbit.recipes import run
         cfg.eval.before = False  # the init phase measured it, on the same blocks
         m = run(cfg)
         out["ppl_after"] = m["eval_ppl_after"]
@@ -184,7 +187,7 @@ def main() -> None:
     if a.worker:
         print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a)), flush=True)
         return
-    from lowbit.train.config import load_config
+    from lowbit.recipes.config import load_config
     from lowbit.utils.io import write_json
     cfg = load_config(a.config, a.set)
     for p in (cfg.model.path, *cfg.data.eval_files, a.calib):

@@ -29,7 +29,7 @@ SCHEMES = ("w4a16-g128", "w4a8kv8", "w4a8kv4")
 
 
 def _cfg(a, out: str, *extra):
-    from lowbit.train.config import load_config
+    from lowbit.recipes.config import load_config
     return load_config(CONFIG, [f"model.path={a.model}", f"train.output_dir={a.out}/{out}", f"train.max_steps={a.steps}",
                                 f"data.max_eval_blocks={a.eval_blocks}", f"data.max_seq_len={a.seq}",
                                 f"train.batch_size={a.batch}", "eval.before=false", "train.report_to=[jsonl]",
@@ -38,7 +38,8 @@ def _cfg(a, out: str, *extra):
 
 
 def _eval_set(a):
-    from lowbit.train.data import Collator, build_datasets
+    from lowbit.recipes.data import build_datasets
+    from lowbit.utils.batching import Collator
     cfg = _cfg(a, "eval")
     tok = _tok(a)
     _, ev = build_datasets(tok, cfg.data, cfg.train.seed)
@@ -51,7 +52,7 @@ def _tok(a):
 
 
 def _ppl(model, ev, desc):
-    from lowbit.train.loss import perplexity
+    from lowbit.recipes.loss import perplexity
     ppl = perplexity(model, ev[0], ev[1], 4, 256, desc)
     print(f"  {desc}: {ppl:.3f}", flush=True)
     return ppl
@@ -81,7 +82,7 @@ class Results(dict):
 
 
 def _ptq(a, ev, res, load, tag):
-    import lowbit.qat as qat
+    import lowbit.methods.qat as qat
     model = None
     for s in SCHEMES:
         if f"{tag} PTQ {s}" not in res:
@@ -92,7 +93,7 @@ def _ptq(a, ev, res, load, tag):
 
 
 def _train(a, out, *extra, make_cfg=None):
-    from lowbit.train.trainer import run
+    from lowbit.recipes import run
     t0 = time.perf_counter()
     m = run((make_cfg or _cfg)(a, out, *extra))
     gc.collect()
@@ -112,8 +113,9 @@ def main() -> int:
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=SCHEMES, help="QAT runs to do now")
     a = ap.parse_args()
-    import lowbit.qat as qat
     from _bench import machine_info, markdown_table, write_results
+
+    import lowbit.methods.qat as qat
     ev = _eval_set(a)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     res = Results(Path(a.out) / "results.json", {"steps": a.steps, "lr": a.lr, "eval_blocks": a.eval_blocks,

@@ -47,7 +47,7 @@ def worker(side: str, a) -> dict:
     if side == "lowbit":
         from lowbit.models import load_model
         from lowbit.modules.lora import add_lora, prepare_for_kbit_training
-        from lowbit.train.loss import causal_lm_loss
+        from lowbit.recipes.loss import causal_lm_loss
         model, tok = load_model(a.model, compute_dtype="bfloat16", progress=False)
         prepare_for_kbit_training(model, gradient_checkpointing=True)
         model = add_lora(model, r=16, alpha=32, dropout=0.05, target_modules="all-linear")

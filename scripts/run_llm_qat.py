@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def _ppl(model, ex, collate, cfg, desc):
-    from lowbit.train.loss import perplexity
+    from lowbit.recipes.loss import perplexity
     p = perplexity(model, ex, collate, cfg.eval.batch_size, cfg.train.loss_chunk_tokens, desc)
     print(f"{desc}: {p:.3f}", flush=True)
     return p
@@ -32,13 +32,15 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", nargs="*", default=[], help="overrides for the generate config")
     ap.add_argument("--train", nargs="*", default=[], help="overrides for the distill (training) config")
     a = ap.parse_args(argv)
-    from lowbit.data_gen.config import load_generate_config
-    from lowbit.data_gen.runner import run as generate
     from lowbit.errors import LowbitError
+    from lowbit.methods.data_gen.config import load_generate_config
+    from lowbit.methods.data_gen.runner import run as generate
     from lowbit.models import load_model
-    from lowbit.train.config import load_config, qat_config
-    from lowbit.train.data import Collator, build_datasets
-    from lowbit.train.trainer import run as train
+    from lowbit.recipes import run as train
+    from lowbit.recipes.config import load_config
+    from lowbit.recipes.data import build_datasets
+    from lowbit.recipes.qat_run import qat_config
+    from lowbit.utils.batching import Collator
     from lowbit.utils.io import write_json
     try:
         gcfg = load_generate_config(a.generate, a.gen)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         report = {"generate": gen, "train": metrics, "teacher_ppl": _ppl(teacher, ev, collate, cfg, "teacher")}
         qc = qat_config(cfg)
         if qc is not None:
-            import lowbit.qat as qat
+            import lowbit.methods.qat as qat
             report["ptq_ppl"] = _ppl(qat.convert(qat.prepare(teacher, qc)), ev, collate, cfg, f"RTN PTQ {qc.name}")
             report["student_ppl"] = _ppl(qat.load_quantized(out / "quantized"), ev, collate, cfg, "distilled, converted")
         else:

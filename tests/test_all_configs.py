@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lowbit.train.config import load_config
+from lowbit.recipes.config import load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.y*ml"))
 ACCELERATE_KEYS = {"compute_environment", "distributed_type", "num_processes"}
@@ -19,13 +19,13 @@ def _load_accelerate(path: Path):
 
 
 def _load_qat(path: Path):
-    from lowbit.qat import resolve
+    from lowbit.methods.qat import resolve
     resolve(str(path))
 
 
 def _load_llm_qat(path: Path):
     # generate configs (a `generate:` section) use lowbit generate's loader; distill runs use the train loader
-    from lowbit.data_gen.config import load_generate_config
+    from lowbit.methods.data_gen.config import load_generate_config
     tree = yaml.safe_load(path.read_text()) or {}
     return load_generate_config(path) if "generate" in tree else load_config(path)
 

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.data_gen import shards as shards_mod
-from lowbit.data_gen.config import SamplingConfig, load_generate_config
-from lowbit.data_gen.dataset import GeneratedDataset, collate
-from lowbit.data_gen.runner import run
-from lowbit.data_gen.sampler import draw_starts, first_token_ids, generate_batch, sample_next
-from lowbit.data_gen.shards import MANIFEST, read_manifest, read_sequences
 from lowbit.errors import ConfigError, InputError
+from lowbit.methods.data_gen import shards as shards_mod
+from lowbit.methods.data_gen.config import SamplingConfig, load_generate_config
+from lowbit.methods.data_gen.dataset import GeneratedDataset
+from lowbit.methods.data_gen.runner import run
+from lowbit.methods.data_gen.sampler import draw_starts, first_token_ids, generate_batch, sample_next
+from lowbit.methods.data_gen.shards import MANIFEST, read_manifest, read_sequences
 from lowbit.testing import make_tiny_model
+from lowbit.utils.batching import collate
 
 ROOT = Path(__file__).resolve().parents[1]
 

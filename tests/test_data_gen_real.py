@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.data_gen.config import load_generate_config
-from lowbit.data_gen.dataset import GeneratedDataset
-from lowbit.data_gen.runner import run
-from lowbit.data_gen.shards import read_manifest
+from lowbit.methods.data_gen.config import load_generate_config
+from lowbit.methods.data_gen.dataset import GeneratedDataset
+from lowbit.methods.data_gen.runner import run
+from lowbit.methods.data_gen.shards import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / ".cache/models/gemma-3-270m"

@@ -1,4 +1,4 @@
-"""KD loss (lowbit.train.distill) against direct full-vocabulary formulas."""
+"""KD loss (lowbit.recipes.distill) against direct full-vocabulary formulas."""
 import copy
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import ConfigError
-from lowbit.train.distill import distill_loss, kd_loss
+from lowbit.recipes.distill import distill_loss, kd_loss
 
 
 def _data(n=11, h=8, ht=6, v=50, k=5, seed=0):

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from lowbit.data_gen.config import load_generate_config
-from lowbit.data_gen.runner import run as generate
 from lowbit.errors import ConfigError
-from lowbit.train.config import load_config
-from lowbit.train.trainer import run
+from lowbit.methods.data_gen.config import load_generate_config
+from lowbit.methods.data_gen.runner import run as generate
+from lowbit.recipes import run
+from lowbit.recipes.config import load_config
 
 TINY = "configs/tiny/llama-qlora.yaml"
 

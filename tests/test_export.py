@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from test_merge import TEXT, make_adapter
 
 from lowbit.errors import UnsupportedModelError
 from lowbit.export.cli import main as cli
 from lowbit.export.gguf_writer import export_gguf
-from test_merge import TEXT, make_adapter
 
 # max |Δlogit| / max |logit| allowed against the dense model, per GGUF type (measured on these tiny
 # random models: F16 ≈ 4e-4, BF16 ≈ 7e-3, Q8_0 ≈ 2e-2, Q4_0 ≈ 0.37)

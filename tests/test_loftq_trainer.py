@@ -8,15 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit.errors import ConfigError, InputError
-from lowbit.export.loftq import LOFTQ_BASE_FILE, LOFTQ_REPORT_FILE, file_sha256
-from lowbit.train.config import load_config
+from lowbit.methods.loftq import LOFTQ_BASE_FILE, LOFTQ_REPORT_FILE
+from lowbit.recipes.config import load_config
+from lowbit.utils.hashing import file_sha256
 
 TINY = "configs/tiny/llama-qlora.yaml"
 CALIB = "lowbit/testing/data/macbeth_sample.txt"
 
 
 def _train(model_dir, out, *extra):
-    from lowbit.train.trainer import run
+    from lowbit.recipes import run
     cfg = load_config(TINY, [f"model.path={model_dir}", f"train.output_dir={out}", "lora.init=loftq",
                              "lora.loftq.iters=3", "lora.loftq.svd=full", "train.report_to=[]", *extra])
     return run(cfg)
@@ -70,7 +71,7 @@ def test_trainer_starts_from_loftq_and_merge_uses_its_base(tiny_model_dirs, tmp_
     (other / LOFTQ_BASE_FILE).unlink()
     with pytest.raises(InputError, match="not next to it"):
         merge(other, tmp_path / "m2", dtype="float32", progress=False)
-    from lowbit.export.loftq import save_loftq_base
+    from lowbit.methods.loftq import save_loftq_base
     from lowbit.models import load_model
     plain, _ = load_model(model_dir, compute_dtype="float32", progress=False)
     save_loftq_base(plain, other / LOFTQ_BASE_FILE)
@@ -98,8 +99,8 @@ def test_calibrated_loftq_trains_and_resume_reuses_the_base(tiny_model_dirs, tmp
 @pytest.mark.parametrize("override, err, message", [
     (["lora.init=loft"], ConfigError, "must be one of zero, loftq"),
     (["lora.init=loftq", "lora.use_dora=true"], ConfigError, "cannot be combined with lora.use_dora"),
-    (["lora.init=loftq", "lora.loftq.iters=0"], ConfigError, "iters must be >= 1"),
-    (["lora.init=loftq", "lora.loftq.calibration_samples=0"], ConfigError, "calibration_samples must be >= 1"),
+    (["lora.init=loftq", "lora.loftq.iters=0"], ConfigError, "lora.loftq.iters' must be >= 1"),
+    (["lora.init=loftq", "lora.loftq.calibration_samples=0"], ConfigError, "lora.loftq.calibration_samples' must be >= 1"),
     (["lora.init=loftq", "model.quant.load_in_4bit=false"], ConfigError, "needs a 4-bit base"),
     (["lora.loftq.svd=qr"], ConfigError, "must be one of lowrank, full"),
     (["lora.loftq.iter=3"], ConfigError, "did you mean 'lora.loftq.iters'"),

@@ -14,10 +14,10 @@ def make_adapter(base_path, out, r=8, alpha=16, seed=1, loftq=False):
     """A 'trained' adapter (random non-zero B) saved like the trainer does: adapter/ + lowbit_run.json."""
     from lowbit.models import load_model
     from lowbit.modules.lora import add_lora
-    from lowbit.train.trainer import base_model_hash
+    from lowbit.utils.hashing import model_folder_hash as base_model_hash
     from lowbit.utils.io import write_json
     if loftq:
-        from lowbit.export.loftq import loftq_init, save_loftq_base
+        from lowbit.methods.loftq import loftq_init, save_loftq_base
         pm, tok, _ = loftq_init(base_path, r=r, alpha=alpha, dropout=0.0, iters=2, compute_dtype="float32",
                                 progress=False)
     else:

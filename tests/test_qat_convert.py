@@ -3,7 +3,7 @@ import pytest
 import torch
 import yaml
 
-import lowbit.qat as qat
+import lowbit.methods.qat as qat
 from lowbit.errors import ConfigError
 from lowbit.testing.tiny import make_tiny_model
 
@@ -42,7 +42,7 @@ def test_converted_model_saves_and_reloads(tmp_path, preset, dtype):
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
-    assert meta["format"] == "lowbit.qat" and meta["version"] == "1"
+    assert meta["format"] == "lowbit.methods.qat" and meta["version"] == "1"
     assert any(k.endswith(".codes") or k.endswith("weight.absmax") for k in keys)
     again = qat.load_quantized(tmp_path / "q")
     assert again.model.embed_tokens.embed_scale.dtype == dtype

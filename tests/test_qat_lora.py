@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import lowbit.qat as qat
+import lowbit.methods.qat as qat
 from lowbit.errors import ConfigError
 from lowbit.models.load import quantize_model
 from lowbit.modules.lora import add_lora

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lowbit.errors import ConfigError
-from lowbit.qat import FakeQuantizer, QuantizerConfig
-from lowbit.qat.numerics import decode, encode, quantize_rows
+from lowbit.methods.qat import FakeQuantizer, QuantizerConfig
+from lowbit.methods.qat.numerics import decode, encode, quantize_rows
 
 
 def fq(role="weight", **kw):
@@ -109,7 +109,7 @@ def test_learned_activation_scale_initialised_from_first_batch():
 
 
 def test_static_range_needs_calibration_then_is_fixed():
-    from lowbit.qat.prepare import calibrate
+    from lowbit.methods.qat.prepare import calibrate
     q = fq("activation", bits=8, granularity="per_tensor", dynamic=False)
     with pytest.raises(ConfigError, match="calibrate"):
         q(torch.randn(3, 4))
@@ -147,7 +147,7 @@ def test_codes_encode_decode_roundtrip(cfg):
                                        (dict(dtype="int8"), "dtype must be one of")])
 def test_bad_weight_configs_name_the_fix(bad, match):
     with pytest.raises(ConfigError, match=match):
-        QuantizerConfig(**bad).check("weight")
+        QuantizerConfig(**bad).validate("qat.weight")
 
 
 def test_group_size_must_divide():

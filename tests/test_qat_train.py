@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-import lowbit.qat as qat
+import lowbit.methods.qat as qat
 from lowbit.errors import ConfigError
-from lowbit.train.config import load_config
-from lowbit.train.trainer import run
+from lowbit.recipes import run
+from lowbit.recipes.config import load_config
 
 TINY = "configs/tiny/llama-qlora.yaml"
 

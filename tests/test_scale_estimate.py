@@ -7,7 +7,7 @@ import torch
 
 from lowbit.cli import main
 from lowbit.errors import ConfigError
-from lowbit.scale.estimate import ModelShape, Setup, estimate, layer_activation_bytes
+from lowbit.estimate.memory import ModelShape, Setup, estimate, layer_activation_bytes
 
 
 def _saved_bytes(fn, exclude_ptrs) -> int:

@@ -5,9 +5,10 @@ import math
 
 import pytest
 
+from lowbit.distributed.checkpoints import checkpoints, is_complete, latest_complete
 from lowbit.errors import ConfigError, TrainingError
-from lowbit.scale.checkpoints import checkpoints, is_complete, latest_complete
-from lowbit.train.config import load_config
+from lowbit.recipes import run
+from lowbit.recipes.config import load_config
 
 TINY = "configs/tiny/llama-qlora.yaml"
 
@@ -19,7 +20,7 @@ def _cfg(model_dir, out, *overrides):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dirs, tmp_path, monkeypatch):
-    import lowbit.train.trainer as T
+    import lowbit.recipes.trainer as T
     real = T.causal_lm_loss
     calls = collections.Counter()
 
@@ -30,7 +31,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dirs, tmp_path
     monkeypatch.setattr(T, "causal_lm_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"loss became nan at step 5; stopping\. The last good checkpoint"):
-        T.run(_cfg(tiny_model_dirs("llama"), out))
+        run(_cfg(tiny_model_dirs("llama"), out))
     assert latest_complete(out).name == "checkpoint-4"
     assert all(is_complete(c) for c in checkpoints(out))
     assert not (out / "adapter").exists()
@@ -39,11 +40,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dirs, tmp_path
 def test_disk_too_small_is_refused_before_the_first_step(tiny_model_dirs, tmp_path, monkeypatch):
     import shutil
 
-    import lowbit.train.trainer as T
+    import lowbit.recipes.trainer as T
     Usage = collections.namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 30, (1 << 30) - (64 << 10), 64 << 10))
     monkeypatch.setattr(T.LowbitTrainer, "train", lambda *a, **kw: pytest.fail("training started"))
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"has 0\.1 MiB free but this run writes up to .*save_total_limit"):
-        T.run(_cfg(tiny_model_dirs("llama"), out))
+        run(_cfg(tiny_model_dirs("llama"), out))
     assert checkpoints(out) == []

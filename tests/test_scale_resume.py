@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lowbit.scale.checkpoints import MARKER, checkpoints, is_complete
+from lowbit.distributed.checkpoints import MARKER, checkpoints, is_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny/llama-qlora.yaml"
@@ -25,7 +25,7 @@ COMMON = ["train.max_steps=8", "train.save_steps=2", "train.save_total_limit=2",
 KILLER = """
 import os, signal, sys
 from transformers import TrainerCallback
-import lowbit.train.trainer as T
+import lowbit.recipes.phases as T
 when, step = sys.argv[1], int(sys.argv[2])
 
 class Kill(TrainerCallback):
@@ -42,7 +42,7 @@ class Killable(T.LowbitTrainer):
         self.callback_handler.callbacks.insert(0, Kill())
 
 T.LowbitTrainer = Killable
-from lowbit.train.cli import main
+from lowbit.recipes.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 

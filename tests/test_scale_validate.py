@@ -1,10 +1,10 @@
-"""Each pre-flight refusal of lowbit.scale.validate, with the fix in its message, and that a refused
+"""Each pre-flight refusal of lowbit.distributed.validate, with the fix in its message, and that a refused
 run stops before any model is loaded."""
 import pytest
 
+from lowbit.distributed import validate as V
 from lowbit.errors import ConfigError, InputError
-from lowbit.scale import validate as V
-from lowbit.train.config import load_config
+from lowbit.recipes.config import load_config
 
 TINY = "configs/tiny/llama-qlora.yaml"
 
@@ -117,7 +117,7 @@ def test_lora_targets_matching_nothing_are_refused(targets, message, tiny_model_
 
 def test_refused_run_loads_nothing(tiny_model_dirs, tmp_path, monkeypatch):
     import lowbit.models
-    from lowbit.train.trainer import run
+    from lowbit.recipes import run
 
     def boom(*a, **kw):
         raise AssertionError("the model was loaded before the pre-flight check refused the run")
@@ -135,7 +135,7 @@ def test_disk_space_check_names_the_numbers(tmp_path):
 
 
 def test_unwritable_output_dir_is_refused_before_training(tiny_model_dirs, tmp_path):
-    from lowbit.train.trainer import run
+    from lowbit.recipes import run
     (tmp_path / "a_file").write_text("x")
     cfg = _cfg(tiny_model_dirs("llama"), tmp_path, f"train.output_dir={tmp_path / 'a_file' / 'run'}")
     with pytest.raises(InputError, match="is not writable"):

@@ -1,7 +1,7 @@
 import pytest
 
 from lowbit.errors import ConfigError, InputError
-from lowbit.train.config import RunConfig, load_config
+from lowbit.recipes.config import RunConfig, load_config
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from lowbit.errors import InputError
+from lowbit.recipes.config import DataConfig
+from lowbit.recipes.data import build_datasets, build_examples
+from lowbit.recipes.loss import causal_lm_loss
 from lowbit.testing import make_tokenizer
-from lowbit.train.config import DataConfig
-from lowbit.train.data import IGNORE, Collator, build_datasets, build_examples
-from lowbit.train.loss import causal_lm_loss
+from lowbit.utils.batching import IGNORE_INDEX as IGNORE
+from lowbit.utils.batching import Collator
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from lowbit.train.optim import build_optimizer
+from lowbit.recipes.optim import build_optimizer
 
 
 @pytest.mark.parametrize("name", ["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..format import quantize
-from ..utils.io import save_safetensors, write_json
-from .merge import as_dtype, atomic_dir
+from lowbit import kernels
+from lowbit.format import quantize
+from lowbit.models.load import as_dtype
+from lowbit.utils.io import atomic_dir, save_safetensors, write_json
+from lowbit.utils.modules import matches_module
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype, skip_modules) -> dict:
@@ -28,11 +30,10 @@ def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torc
 def bnb4_state_dict(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                     skip_modules=("lm_head",)) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """(state dict in the bnb 4-bit layout, per-layer requantization errors ‖W − deq(Q)‖/‖W‖)."""
-    from .. import kernels
     sd, errors = {}, []
     quantized = set()
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear or any(name == s or name.endswith("." + s) for s in skip_modules):
+        if type(mod) is not nn.Linear or matches_module(name, skip_modules):
             continue
         w = mod.weight.detach()
         q = quantize(w, blocksize, double_quant, quant_type)
@@ -51,17 +52,7 @@ def bnb4_state_dict(model: nn.Module, *, quant_type: str = "nf4", blocksize: int
         getattr(model.config.get_text_config(), "tie_word_embeddings", False)
     if tied and "lm_head.weight" in sd:
         del sd["lm_head.weight"]  # transformers re-ties it; a duplicate would share storage
-    return unshare(sd), errors
-
-
-def unshare(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clone tensors that share storage (the cached 4-bit code book) so safetensors accepts them."""
-    seen, out = set(), {}
-    for k, v in sd.items():
-        ptr = v.untyped_storage().data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
+    return sd, errors
 
 
 def save_bnb4(model: nn.Module, tok, out, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,

@@ -5,8 +5,10 @@ import argparse
 import json
 import sys
 
-from .formats import FORMATS
-from .gguf_writer import GGUF_TYPES
+from lowbit.errors import LowbitError
+from lowbit.export.formats import FORMATS, export, export_bnb4
+from lowbit.export.gguf_writer import GGUF_TYPES
+from lowbit.export.merge import merge
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -46,18 +48,15 @@ def _print_report(rep: dict) -> None:
 def merge_main(argv: list[str]) -> int:
     a = _merge_parser().parse_args(argv)
     if a.requantize:
-        from .formats import export_bnb4
         rep = export_bnb4(a.adapter, a.out, base=a.base, overwrite=a.overwrite, verify=not a.no_verify,
                           quant_type=a.requantize, blocksize=a.blocksize, double_quant=not a.no_double_quant)
     else:
-        from .merge import merge
         rep = merge(a.adapter, a.out, base=a.base, dtype=a.dtype, overwrite=a.overwrite, verify=not a.no_verify)
     _print_report(rep)
     return 0
 
 
 def export_main(argv: list[str]) -> int:
-    from .formats import export
     a = _export_parser().parse_args(argv)
     rep = export(a.source, a.out, a.format, base=a.base, gguf_type=a.gguf_type, dtype=a.dtype,
                  overwrite=a.overwrite, verify=not a.no_verify)
@@ -67,7 +66,6 @@ def export_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """argv starts with the subcommand: ['merge', ...] or ['export', ...]."""
-    from ..errors import LowbitError
     argv = sys.argv[1:] if argv is None else list(argv)
     cmds = {"merge": merge_main, "export": export_main}
     if not argv or argv[0] not in cmds:

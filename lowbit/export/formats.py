@@ -10,8 +10,15 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, InputError
-from .merge import (atomic_dir, load_adapter_model, merge, merge_into_dense, resolve_adapter, _logits, _probe_ids)
+from lowbit import kernels
+from lowbit.errors import ConfigError, InputError
+from lowbit.export.bnb4bit import save_bnb4
+from lowbit.export.gguf_writer import _ARCHS, _gguf_tensors, export_gguf
+from lowbit.export.merge import _logits, _probe_ids, load_adapter_model, merge, merge_into_dense, resolve_adapter
+from lowbit.format import quantize
+from lowbit.methods.loftq import LOFTQ_BASE_FILE
+from lowbit.utils.io import atomic_dir
+from lowbit.utils.run_record import RUN_FILE
 
 FORMATS = ("peft", "merged", "bnb4", "gguf")
 
@@ -45,7 +52,7 @@ def export_peft(source, out, *, base=None, overwrite: bool = False, verify: bool
         for f in src.adapter_dir.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        for extra in ("lowbit_run.json", "loftq_base.safetensors"):
+        for extra in (RUN_FILE, LOFTQ_BASE_FILE):
             if not (tmp / extra).exists() and (src.adapter_dir.parent / extra).exists():
                 shutil.copy2(src.adapter_dir.parent / extra, tmp / extra)
     report = {"format": "peft", "path": str(out), "base": str(src.base_path)}
@@ -62,7 +69,6 @@ def export_peft(source, out, *, base=None, overwrite: bool = False, verify: bool
 
 def export_bnb4(source, out, *, base=None, overwrite: bool = False, verify: bool = True, quant_type: str = "nf4",
                 blocksize: int = 64, double_quant: bool = True, compute_dtype="bfloat16", progress: bool = True) -> dict:
-    from .bnb4bit import save_bnb4
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     model, tok, info = dense_source(source, base, progress)
@@ -78,8 +84,6 @@ def requantized_reference(model, quant_type="nf4", blocksize=64, double_quant=Tr
     """A deep copy of `model` whose Linear weights are replaced by deq(quantize(W)) — what bnb4 should compute."""
     import copy
 
-    from .. import kernels
-    from ..format import quantize
     ref = copy.deepcopy(model)
     for name, mod in ref.named_modules():
         if type(mod) is torch.nn.Linear and not name.endswith("lm_head"):
@@ -113,7 +117,6 @@ def verify_bnb4(out, model, tok, blocksize: int = 64) -> dict:
 
 def export_gguf_file(source, out, *, base=None, gguf_type: str = "F16", overwrite: bool = False, verify: bool = True,
                      progress: bool = True) -> dict:
-    from .gguf_writer import export_gguf
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     model, tok, info = dense_source(source, base, progress)
@@ -129,7 +132,6 @@ def gguf_reference(model, gguf_path):
     import copy
 
     import gguf
-    from .gguf_writer import _ARCHS, _gguf_tensors
     reader = gguf.GGUFReader(str(gguf_path))
     stored = {t.name: t for t in reader.tensors}
     ref = copy.deepcopy(model)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
-from ..utils.io import atomic_path
+from lowbit.errors import ConfigError, UnsupportedModelError
+from lowbit.utils.io import atomic_path
 
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "F32")
 _ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "gemma3_text": "GEMMA3"}

@@ -13,12 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..models.load import as_dtype
-from ..utils.io import atomic_dir
-from .loftq import LOFTQ_BASE_FILE, check_loftq_base, load_loftq_base
-
-RUN_FILE = "lowbit_run.json"
+from lowbit.errors import InputError
+from lowbit.methods.loftq import LOFTQ_BASE_FILE, check_loftq_base, load_loftq_base
+from lowbit.models import load_model
+from lowbit.models.load import as_dtype
+from lowbit.modules.linear4bit import Linear4bit
+from lowbit.modules.lora import load_adapter
+from lowbit.utils.hashing import model_folder_hash
+from lowbit.utils.io import atomic_dir, write_json
+from lowbit.utils.modules import set_module
+from lowbit.utils.run_record import RunRecord
 
 
 class BaseMismatchError(InputError):
@@ -28,15 +32,15 @@ class BaseMismatchError(InputError):
 @dataclass
 class AdapterSource:
     adapter_dir: Path
-    run: dict | None          # lowbit_run.json, when the trainer wrote one
+    run: RunRecord | None     # lowbit_run.json, when the trainer wrote one
     adapter_config: dict
     base_path: Path
 
     @property
     def quant(self) -> dict:
-        q = ((self.run or {}).get("config") or {}).get("model", {}).get("quant") or {}
-        return {"quant_type": q.get("quant_type", "nf4"), "blocksize": q.get("blocksize", 64),
-                "double_quant": q.get("double_quant", True), "skip_modules": tuple(q.get("skip_modules", ["lm_head"]))}
+        if self.run is not None:
+            return self.run.quant
+        return {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "skip_modules": ("lm_head",)}
 
     def loftq_base(self) -> Path | None:
         for d in (self.adapter_dir, self.adapter_dir.parent):
@@ -55,12 +59,8 @@ def resolve_adapter(adapter, base=None) -> AdapterSource:
     if not (p / "adapter_config.json").exists():
         raise InputError(f"{p} has no adapter_config.json; pass a peft adapter folder or a lowbit run folder")
     adapter_config = json.loads((p / "adapter_config.json").read_text())
-    run = None
-    for d in (p, p.parent):
-        if (d / RUN_FILE).exists():
-            run = json.loads((d / RUN_FILE).read_text())
-            break
-    base_path = base or ((run or {}).get("base_model") or {}).get("path") or adapter_config.get("base_model_name_or_path")
+    run = RunRecord.find(p, p.parent)
+    base_path = base or (run.base_model.path if run else None) or adapter_config.get("base_model_name_or_path")
     if not base_path:
         raise InputError(f"cannot tell which base model {p} was trained on; pass --base <HF model folder>")
     src = AdapterSource(p, run, adapter_config, Path(base_path))
@@ -74,16 +74,14 @@ def check_base(src: AdapterSource) -> None:
     base = src.base_path
     if not (base / "config.json").exists():
         raise InputError(f"base model {base} is not an HF model folder (no config.json); pass --base")
-    recorded = (src.run or {}).get("base_model") or {}
-    if recorded.get("sha256"):
-        from ..train.trainer import base_model_hash
-        if base_model_hash(base) != recorded["sha256"]:
-            raise BaseMismatchError(f"base model {base} does not match the one the adapter was trained on "
-                                    f"({recorded.get('path')}, sha256 {recorded['sha256'][:12]}…): its config or "
-                                    "weights differ; pass the original base with --base")
+    recorded = src.run.base_model if src.run is not None else None
+    if recorded is not None and recorded.sha256 and model_folder_hash(base) != recorded.sha256:
+        raise BaseMismatchError(f"base model {base} does not match the one the adapter was trained on "
+                                f"({recorded.path}, sha256 {recorded.sha256[:12]}…): its config or "
+                                "weights differ; pass the original base with --base")
     cfg = AutoConfig.from_pretrained(base)
-    if recorded.get("model_type") and recorded["model_type"] != cfg.model_type:
-        raise BaseMismatchError(f"adapter was trained on a {recorded['model_type']!r} model but {base} is "
+    if recorded is not None and recorded.model_type and recorded.model_type != cfg.model_type:
+        raise BaseMismatchError(f"adapter was trained on a {recorded.model_type!r} model but {base} is "
                                 f"{cfg.model_type!r}; pass the original base with --base")
     _check_adapter_shapes(src.adapter_dir, cfg, base)
 
@@ -118,14 +116,13 @@ def _check_adapter_shapes(adapter_dir: Path, cfg, base: Path) -> None:
 
 def load_adapter_model(src: AdapterSource, compute_dtype="float32", progress: bool = False):
     """The model the adapter was trained on: 4-bit base (+ LoftQ bytes if saved) + adapter → (peft, tok)."""
-    from ..models import load_model
-    from ..modules.lora import load_adapter
     q = src.quant
     model, tok = load_model(src.base_path, quant_type=q["quant_type"], blocksize=q["blocksize"],
                             double_quant=q["double_quant"], skip_modules=q["skip_modules"],
                             compute_dtype=compute_dtype, progress=progress)
     lb = src.loftq_base()
-    check_loftq_base(src.run, lb)  # a trainer LoftQ run records its base's hash: refuse a missing/other one
+    # a trainer LoftQ run records its base's hash: refuse a missing or other base file
+    check_loftq_base(src.run.loftq if src.run is not None else None, lb)
     if lb is not None:
         load_loftq_base(model, lb)
     pm = load_adapter(model, src.adapter_dir)
@@ -137,8 +134,6 @@ def merge_into_dense(peft_model, dtype=torch.bfloat16, adapter_name: str = "defa
     """Replace every LoRA-wrapped and plain 4-bit Linear with a dense `nn.Linear` (in place) → HF model."""
     from peft.tuners.lora import LoraLayer
 
-    from ..models.load import _set_module
-    from ..modules.linear4bit import Linear4bit
     dtype = as_dtype(dtype)
     base = peft_model.get_base_model()
     for name, mod in list(base.named_modules()):
@@ -147,10 +142,10 @@ def merge_into_dense(peft_model, dtype=torch.bfloat16, adapter_name: str = "defa
             w = _dense_weight(layer)
             if adapter_name in mod.lora_A:
                 w = w + mod.get_delta_weight(adapter_name).float()
-            _set_module(base, name, _linear(w, layer.bias, dtype))
+            set_module(base, name, _linear(w, layer.bias, dtype))
     for name, mod in list(base.named_modules()):
         if isinstance(mod, Linear4bit):
-            _set_module(base, name, _linear(_dense_weight(mod), mod.bias, dtype))
+            set_module(base, name, _linear(_dense_weight(mod), mod.bias, dtype))
     base.to(dtype)
     for attr in ("lowbit_quantization", "lowbit_loftq"):
         if hasattr(base.config, attr):
@@ -160,7 +155,6 @@ def merge_into_dense(peft_model, dtype=torch.bfloat16, adapter_name: str = "defa
 
 
 def _dense_weight(layer) -> torch.Tensor:
-    from ..modules.linear4bit import Linear4bit
     return layer.dequantize(torch.float32) if isinstance(layer, Linear4bit) else layer.weight.detach().float()
 
 
@@ -174,7 +168,6 @@ def _linear(w: torch.Tensor, bias, dtype) -> nn.Linear:
 
 def save_hf_model(model: nn.Module, tok, out, overwrite: bool = False, extra: dict | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer into `out`, atomically."""
-    from ..utils.io import write_json
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .codes import BLOCKSIZES, QUANT_TYPES, code_4bit, dynamic_map, quantize_bounds
+from lowbit.format.codes import BLOCKSIZES, QUANT_TYPES, code_4bit, dynamic_map, quantize_bounds
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -106,7 +106,8 @@ def _nearest_code_lut(code_key: tuple) -> torch.Tensor:
     return torch.searchsorted(mids, grid, right=False).to(torch.uint8)
 
 
-def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256, code: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256,
+                            code: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with the dynamic map (used for nested absmax).
 
     Rounding follows bitsandbytes' CPU kernel: scale by 1/absmax, map to one of 65536

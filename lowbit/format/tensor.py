@@ -12,9 +12,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .blockwise import (check_blocksize, check_quant_type, check_weight_dtype, dequantize_4bit_values,
-                        dequantize_blockwise_8bit, quantize_4bit_packed, quantize_blockwise_8bit)
-from .codes import NESTED_BLOCKSIZE, code_4bit, dynamic_map
+from lowbit.format.blockwise import (
+    check_blocksize,
+    check_quant_type,
+    check_weight_dtype,
+    dequantize_4bit_values,
+    dequantize_blockwise_8bit,
+    quantize_4bit_packed,
+    quantize_blockwise_8bit,
+)
+from lowbit.format.codes import NESTED_BLOCKSIZE, code_4bit, dynamic_map
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from ..format import Quantized4bit
-from ..format.blockwise import check_blocksize, check_quant_type, check_weight_dtype
-from ..format.codes import code_4bit
-from ..format.tensor import double_quantize
-from . import ops
-from .ops import state_args
+from lowbit.format import Quantized4bit
+from lowbit.format.blockwise import check_blocksize, check_quant_type, check_weight_dtype
+from lowbit.format.codes import code_4bit
+from lowbit.format.tensor import double_quantize
+from lowbit.kernels import ops
+from lowbit.kernels.ops import state_args
 
 GEMV_MAX_ROWS = 16
 _READY = {}
@@ -19,11 +19,11 @@ _READY = {}
 def ensure_backends() -> dict:
     """Register the compiled backends once; returns which are active."""
     if not _READY:
-        from .cpu import build as cpu_build
+        from lowbit.kernels.cpu import build as cpu_build
         _READY["cpu"] = cpu_build.load()
         _READY["cuda"] = False
         if torch.cuda.is_available():
-            from .cuda import build as cuda_build
+            from lowbit.kernels.cuda import build as cuda_build
             _READY["cuda"] = cuda_build.load()
     return _READY
 

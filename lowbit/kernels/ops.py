@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from ..format.blockwise import dequantize_4bit_values, dequantize_blockwise_8bit, quantize_4bit_packed
-from ..format.tensor import Quantized4bit
+from lowbit.format.blockwise import dequantize_4bit_values, dequantize_blockwise_8bit, quantize_4bit_packed
+from lowbit.format.tensor import Quantized4bit
 
 _STATE = "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, " \
          "int blocksize, str quant_type, int[] shape"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format import Quantized4bit
-from ..modules.linear4bit import Linear4bit
-from .load import _set_module
+from lowbit.format import Quantized4bit
+from lowbit.modules.linear4bit import Linear4bit
+from lowbit.utils.modules import set_module
 
 
 def from_bnb_model(model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
@@ -26,7 +26,7 @@ def from_bnb_model(model: nn.Module, compute_dtype: torch.dtype | None = None) -
             w, qs = _convert_weight_packed_for_cpu_inverse(w, qs)
         q = Quantized4bit.from_bnb(w, qs)
         new = Linear4bit(q, mod.bias, compute_dtype or mod.compute_dtype or torch.bfloat16)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         n += 1
     if n == 0:
         raise ValueError("no bitsandbytes Linear4bit layer found: load the model with BitsAndBytesConfig(load_in_4bit=True)")

@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError, UnsupportedModelError
-from ..modules.linear4bit import Linear4bit
-from .safetensors_stream import iter_tensors, tensor_names
+from lowbit.errors import ConfigError, InputError, UnsupportedModelError
+from lowbit.format.blockwise import check_blocksize, check_quant_type
+from lowbit.modules.linear4bit import Linear4bit
+from lowbit.utils.device import auto_compute_dtype
+from lowbit.utils.modules import matches_module, set_module
+from lowbit.utils.safetensors_stream import iter_tensors, tensor_names
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
@@ -27,7 +30,6 @@ def as_dtype(d) -> torch.dtype:
     if isinstance(d, torch.dtype):
         return d
     if d == "auto":
-        from ..utils.device import auto_compute_dtype
         return auto_compute_dtype()
     if d not in _DTYPES:
         raise ConfigError(f"unknown dtype {d!r}; choose one of auto, {', '.join(_DTYPES)}")
@@ -63,7 +65,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _targets(model: nn.Module, skip_modules) -> set[str]:
     return {n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(n == s or n.endswith("." + s) for s in skip_modules)}
+            if isinstance(m, nn.Linear) and not matches_module(n, skip_modules)}
 
 
 def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
@@ -77,24 +79,6 @@ def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
         mod._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
     else:
         mod._buffers[leaf] = t
-
-
-def _quantize_into(model, mod_name, w, blocksize, double_quant, quant_type, storage_dtype, compute_dtype) -> None:
-    old = model.get_submodule(mod_name)
-    if tuple(w.shape) != (old.out_features, old.in_features):
-        raise InputError(f"checkpoint tensor {mod_name}.weight has shape {tuple(w.shape)}, "
-                         f"the model expects {(old.out_features, old.in_features)}")
-    dense = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
-    dense.weight = nn.Parameter(w, requires_grad=False)
-    new = Linear4bit.from_linear(dense, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
-    if old.bias is not None:  # may already be loaded: "bias" sorts before "weight"
-        new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
-    _set_module(model, mod_name, new)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def _release_freed_memory() -> None:
@@ -117,33 +101,32 @@ def load_model(path, *, trust_remote_code: bool = False, **kw):
 
 
 def load_4bit_weights(path, *, load_in_4bit: bool = True, quant_type: str = "nf4", blocksize: int = 64,
-               double_quant: bool = True, storage_dtype="uint8", compute_dtype="auto",
-               skip_modules=("lm_head",), keep_embeddings_in_compute_dtype: bool = True, trust_remote_code: bool = False,
-               progress: bool = True):
-    """Build the model (Llama, Mistral, Qwen2/3, Gemma3) with its Linear layers in NF4/FP4.
+                      double_quant: bool = True, storage_dtype="uint8", compute_dtype="auto",
+                      skip_modules=("lm_head",), keep_embeddings_in_compute_dtype: bool = True,
+                      trust_remote_code: bool = False, progress: bool = True, quantize_linear=None):
+    """Build the model with its Linear layers in NF4/FP4, streamed tensor by tensor.
 
     Non-quantized tensors (embeddings, norms, lm_head) are stored in `compute_dtype`
-    (or kept as saved when keep_embeddings_in_compute_dtype=False).
+    (or kept as saved when keep_embeddings_in_compute_dtype=False). `quantize_linear(model, name,
+    weight, old_linear) -> nn.Module` replaces how each targeted Linear is built from its dense weight
+    (LoftQ uses it); the default is `Linear4bit.from_linear` with the settings above.
     """
-    from accelerate import init_empty_weights
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
 
-    from ..format.blockwise import check_blocksize, check_quant_type
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     path = Path(path)
     cfg = _read_config(path, trust_remote_code)
     compute_dtype, storage_dtype = as_dtype(compute_dtype), as_dtype(storage_dtype)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    model = _skeleton(cfg, compute_dtype, trust_remote_code)
     targets = _targets(model, skip_modules) if load_in_4bit else set()
-    expected = dict(model.state_dict(keep_vars=True))
-    seen: set[str] = set()
+    if quantize_linear is None:
+        def quantize_linear(model, name, w, old):
+            return _quantized_linear(old, w, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
     files = _weight_files(path)
-    total = sum(len(tensor_names(f)) for f in files)
-    bar = tqdm(total=total, desc="quantizing to 4-bit" if load_in_4bit else "loading", unit="tensor",
-               disable=not progress)
+    bar = tqdm(total=sum(len(tensor_names(f)) for f in files), desc="quantizing to 4-bit" if load_in_4bit else
+               "loading", unit="tensor", disable=not progress)
+    expected = dict(model.state_dict(keep_vars=True))
     for f in files:
         for key, t in iter_tensors(f):
             bar.update(1)
@@ -151,26 +134,55 @@ def load_4bit_weights(path, *, load_in_4bit: bool = True, quant_type: str = "nf4
                 continue  # e.g. rotary buffers saved by older versions
             mod_name, _, leaf = key.rpartition(".")
             if mod_name in targets and leaf == "weight":
-                _quantize_into(model, mod_name, t, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
+                set_module(model, mod_name, quantize_linear(model, mod_name, t, _checked_linear(model, mod_name, t)))
                 del t
                 _release_freed_memory()
             else:
                 _set_tensor(model, key, t.to(compute_dtype) if keep_embeddings_in_compute_dtype else t)
-            seen.add(key)
     bar.close()
-    if getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.get_text_config(), "tie_word_embeddings", False):
-        model.tie_weights()
-        seen.update(k for k in expected if k.startswith("lm_head."))
-    missing = [k for k, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise InputError(f"checkpoint {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
-                         "is it a complete checkpoint for this config?")
-    model.eval()
+    _finish(model, cfg, path)
     model.config.lowbit_quantization = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                                             storage_dtype=str(storage_dtype).removeprefix("torch."),
                                             compute_dtype=str(compute_dtype).removeprefix("torch."),
                                             skip_modules=list(skip_modules)) if load_in_4bit else None
     return model
+
+
+def _skeleton(cfg, compute_dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model with every parameter on the meta device (no memory), buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(cfg, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+
+
+def _checked_linear(model: nn.Module, name: str, w: torch.Tensor) -> nn.Module:
+    old = model.get_submodule(name)
+    if tuple(w.shape) != (old.out_features, old.in_features):
+        raise InputError(f"checkpoint tensor {name}.weight has shape {tuple(w.shape)}, "
+                         f"the model expects {(old.out_features, old.in_features)}")
+    return old
+
+
+def _quantized_linear(old: nn.Module, w: torch.Tensor, blocksize, double_quant, quant_type, storage_dtype,
+                      compute_dtype) -> Linear4bit:
+    dense = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+    dense.weight = nn.Parameter(w, requires_grad=False)
+    new = Linear4bit.from_linear(dense, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
+    if old.bias is not None:  # may already be loaded ("bias" can come before "weight"), else loaded later
+        new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
+    return new
+
+
+def _finish(model: nn.Module, cfg, path: Path) -> None:
+    """Tie the head to the embeddings where the config says so; refuse a checkpoint that left tensors unset."""
+    if getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [k for k, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise InputError(f"checkpoint {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
+                         "is it a complete checkpoint for this config?")
+    model.eval()
 
 
 def quantize_model(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
@@ -181,6 +193,6 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", blocksize: int 
         lin = model.get_submodule(name)
         if isinstance(lin, Linear4bit):
             continue
-        _set_module(model, name, Linear4bit.from_linear(lin, blocksize, double_quant, quant_type, storage_dtype,
+        set_module(model, name, Linear4bit.from_linear(lin, blocksize, double_quant, quant_type, storage_dtype,
                                                         compute_dtype))
     return model

@@ -14,8 +14,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .. import kernels
-from ..format import Quantized4bit, quantize
+from lowbit import kernels
+from lowbit.format import Quantized4bit, quantize
 
 _QUANT_BUFFERS = ("absmax", "quant_map", "offset", "nested_absmax", "nested_quant_map")
 

@@ -11,8 +11,9 @@ import re
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .linear4bit import Linear4bit
+from lowbit.errors import ConfigError
+from lowbit.modules.linear4bit import Linear4bit
+from lowbit.utils.modules import matches_module
 
 
 def _lora_linear4bit_cls():
@@ -66,7 +67,7 @@ def linear_module_names(model: nn.Module, exclude=("lm_head",)) -> list[str]:
     """Leaf names of every Linear (incl. Linear4bit) in the decoder, like peft's 'all-linear'."""
     names = set()
     for full, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not any(full == e or full.endswith("." + e) for e in exclude):
+        if isinstance(mod, nn.Linear) and not matches_module(full, exclude):
             names.add(full.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -89,6 +90,18 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str] | str:
         raise ConfigError(f"lora.target_modules {missing} match no Linear layer; "
                           f"choose from: {', '.join(all_linear)} (or 'all-linear')")
     return targets
+
+
+def lora_target_names(model: nn.Module, target_modules, skip_modules=()) -> set[str]:
+    """Full names of the Linear layers `add_lora(target_modules=...)` wraps (outside `skip_modules`)."""
+    resolved = resolve_target_modules(model, target_modules)
+    out = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or matches_module(name, skip_modules):
+            continue
+        if re.fullmatch(resolved, name) if isinstance(resolved, str) else name.rsplit(".", 1)[-1] in resolved:
+            out.add(name)
+    return out
 
 
 def make_lora_config(model: nn.Module, *, r: int = 16, alpha: float = 32, dropout: float = 0.05,

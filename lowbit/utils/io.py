@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.errors import ConfigError, InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True):
@@ -44,7 +46,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
                      overwrite: bool = True) -> None:
     """safetensors.save_file through a temp file; tensors made contiguous and unshared."""
     from safetensors.torch import save_file
-    clean = {k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous() for k, v in tensors.items()}
+    clean, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory (views, or one cached code book stored twice)
+        clean[k] = v.clone() if _shares(v) or (ptr in seen and v.numel()) else v
+        seen.add(ptr)
     with atomic_path(path, overwrite) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
 
@@ -83,7 +91,6 @@ def read_yaml(path: str | Path, what: str = "config file"):
     """A YAML file's tree ({} when empty); a missing file or bad YAML is one clear error."""
     import yaml
 
-    from ..errors import ConfigError, InputError
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} {path} does not exist")

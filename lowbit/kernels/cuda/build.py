@@ -11,7 +11,7 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load as load_ext
 
-        from ..cpu.build import cache_dir
+        from lowbit.kernels.cpu.build import cache_dir
         load_ext(name="lowbit_nf4_cuda", sources=[str(_HERE / "nf4_kernels.cu"), str(_HERE / "nf4_cuda_ops.cpp")],
                  build_directory=str(cache_dir().with_name(cache_dir().name.replace("cpu", "cuda"))),
                  extra_cuda_cflags=["-O3"], extra_include_paths=[str(_HERE)], is_python_module=False)

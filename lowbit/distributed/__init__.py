@@ -1,0 +1,1 @@
+"""Scale-out: launcher/engine checks, complete checkpoints, ZeRO-3 gathers."""

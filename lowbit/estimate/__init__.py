@@ -1,0 +1,1 @@
+"""Memory estimator for QLoRA / LoRA / full fine-tuning (`lowbit estimate`)."""
