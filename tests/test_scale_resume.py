@@ -25,7 +25,7 @@ COMMON = ["train.max_steps=8", "train.save_steps=2", "train.save_total_limit=2",
 KILLER = """
 import os, signal, sys
 from transformers import TrainerCallback
-import lowbit.recipes.phases as T
+import lowbit.recipes.trainer as T
 when, step = sys.argv[1], int(sys.argv[2])
 
 class Kill(TrainerCallback):

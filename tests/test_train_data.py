@@ -59,7 +59,7 @@ def test_chat_trains_on_assistant_turns_only(tok, tmp_path):
 def test_missing_column_and_file(tok, tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
-    with pytest.raises(InputError, match="data column 'prompt'.*available columns: question, answer"):
+    with pytest.raises(InputError, match=r"x.jsonl:1: no 'prompt' field \(fields: question, answer; name the column"):
         build_examples([str(f)], tok, DataConfig(format="prompt_completion"))
     with pytest.raises(InputError, match="does not exist"):
         build_examples([str(tmp_path / "none.txt")], tok, DataConfig())

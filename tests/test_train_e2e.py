@@ -90,4 +90,5 @@ def test_missing_column_is_reported(tiny_model_dirs, tmp_path):
     f.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
     p = _run([sys.executable, "train.py", "--config", TINY, f"model.path={tiny_model_dirs('llama')}",
               f"train.output_dir={tmp_path / 'run'}", "data.format=prompt_completion", f"data.train_files=[{f}]"])
-    assert p.returncode == 2 and "data column 'prompt'" in p.stderr and "available columns: question, answer" in p.stderr
+    assert p.returncode == 2 and "d.jsonl:1: no 'prompt' field (fields: question, answer;" in p.stderr
+    assert not (tmp_path / "run" / "adapter").exists()

@@ -5,6 +5,7 @@ Single-field types, choices and bounds are the schema's (`recipes.config`); thes
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from lowbit.errors import ConfigError, InputError
@@ -16,10 +17,17 @@ from lowbit.recipes.qat_run import qat_config
 REPORTERS = {"jsonl": None, "tensorboard": "tensorboard"}
 
 
+# the data format each method trains on
+METHOD_FORMATS = {"sft": ("text", "prompt_completion", "chat", "generated"), "dpo": ("preference",),
+                  "orpo": ("preference",), "grpo": ("prompt",)}
+
+
 def check_run(cfg) -> None:
     _check_quant(cfg)
     _check_lora(cfg)
     _check_train(cfg)
+    _check_method(cfg)
+    _check_data(cfg)
     if cfg.qat.scheme:
         qat_config(cfg)  # resolvable, and compatible with the LoRA settings
     _check_distill(cfg)
@@ -62,3 +70,36 @@ def _check_distill(cfg) -> None:
     if d.teacher and d.teacher != "base" and not Path(d.teacher).exists():
         raise InputError(f"distill.teacher {d.teacher} does not exist; give a model folder or 'base' (model.path "
                          "unquantized)")
+
+
+def _check_method(cfg) -> None:
+    m, t = cfg.train.method, cfg.train
+    formats = {s.format or cfg.data.format for s in cfg.data.datasets} or {cfg.data.format}
+    wrong = sorted(formats - set(METHOD_FORMATS[m]))
+    if wrong:
+        raise ConfigError(f"train.method={m} trains on data.format {' or '.join(METHOD_FORMATS[m])}, got "
+                          f"{', '.join(wrong)}; set data.format (TRL's dataset formats: prompt/chosen/rejected for "
+                          "preference, prompt for grpo)")
+    if m != "sft" and cfg.distill.enabled:
+        raise ConfigError(f"a distill section trains with train.method=sft; train.method={m} has its own loss")
+    if m == "grpo":
+        if not cfg.grpo.reward_funcs:
+            raise ConfigError("train.method=grpo needs grpo.reward_funcs: ['module:function', ...]")
+        from lowbit.recipes.trainer import reward_function
+        for spec in cfg.grpo.reward_funcs:
+            reward_function(spec)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if (t.batch_size * t.grad_accum * world) % cfg.grpo.num_generations:
+            raise ConfigError(f"grpo.num_generations={cfg.grpo.num_generations} must divide the completions per "
+                              f"step (train.batch_size x grad_accum x processes = {t.batch_size * t.grad_accum * world})")
+
+
+def _check_data(cfg) -> None:
+    d = cfg.data
+    if d.datasets and d.train_files:
+        raise ConfigError("give data.train_files or data.datasets (a weighted mixture), not both")
+    if d.streaming and cfg.train.max_steps < 1:
+        raise ConfigError("data.streaming=true reads the data lazily, so its length is unknown: set train.max_steps")
+    if d.format == "generated" and d.datasets:
+        raise ConfigError("data.format=generated reads `lowbit generate` folders from data.train_files, not "
+                          "data.datasets")

@@ -66,22 +66,48 @@ class LoraConfig:
     loftq: LoftQConfig = option(default_factory=LoftQConfig, help="")
 
 
+Format = Literal["text", "prompt_completion", "chat", "preference", "prompt", "generated"]
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a mixture (data.datasets): its files, format, fields and sampling weight."""
+    files: list[str] = option(default_factory=list, help=".txt/.json/.jsonl/.parquet files or save_to_disk folders")
+    format: Format | None = option(None, help="this dataset's format (default: data.format)")
+    weight: float = option(1.0, help="relative sampling probability in the mixture", gt=0)
+    text_field: str | None = option(None, help="column of the documents (default: data.text_field)")
+    prompt_field: str | None = option(None, help="column of the prompts (default: data.prompt_field)")
+    completion_field: str | None = option(None, help="column of the completions (default: data.completion_field)")
+    messages_field: str | None = option(None, help="column of the messages (default: data.messages_field)")
+
+
 @dataclass
 class DataConfig:
-    """Training and evaluation data (local files)."""
-    train_files: list[str] = option(default_factory=list, help=".txt/.json/.jsonl/.parquet files (generated: "
-                                    "`lowbit generate` output folders)")
+    """Training and evaluation data (local files), in TRL's dataset formats."""
+    train_files: list[str] = option(default_factory=list, help=".txt/.json/.jsonl/.parquet files or save_to_disk "
+                                    "folders (generated: `lowbit generate` output folders)")
+    datasets: list[DatasetSpec] = option(default_factory=list, help="several datasets mixed by weight (instead of "
+                                         "train_files), each with its own format and fields")
     eval_files: list[str] = option(default_factory=list, help="held-out files (plain text with format=generated)")
     eval_fraction: float = option(0.0, help="hold out this fraction of train when eval_files is empty", ge=0, lt=1)
-    format: Literal["text", "prompt_completion", "chat", "generated"] = option(
-        "text", help="text: packed documents; prompt_completion / chat: loss on the answer; generated: lowbit "
-        "generate shards")
+    format: Format = option(
+        "text", help="text: documents; prompt_completion / chat: loss on the answer; preference: prompt/chosen/"
+        "rejected (dpo, orpo); prompt: prompts only (grpo); generated: lowbit generate shards")
     text_field: str = option("text", help="column of the documents (JSON/parquet)")
     prompt_field: str = option("prompt", help="column of the prompts")
     completion_field: str = option("completion", help="column of the completions")
     messages_field: str = option("messages", help="column of the chat messages")
+    chosen_field: str = option("chosen", help="preference: column of the preferred answer")
+    rejected_field: str = option("rejected", help="preference: column of the rejected answer")
     max_seq_len: int = option(256, help="tokens per example (block length when packing)", ge=2)
-    packing: bool = option(True, help="text: pack documents into full blocks, each starting with BOS")
+    packing: bool = option(True, help="pack several examples into each row of max_seq_len tokens")
+    packing_strategy: Literal["auto", "wrapped", "bfd"] = option(
+        "auto", help="wrapped: one stream cut into BOS-led blocks; bfd: best-fit-decreasing, documents kept whole "
+        "and isolated by the attention mask; auto: wrapped for text, bfd otherwise")
+    on_bad_rows: Literal["error", "skip"] = option("error", help="a malformed row stops the run naming file and line, "
+                                                   "or is skipped and counted")
+    num_proc: int | None = option(None, help="processes for tokenization (datasets.map)", ge=1)
+    streaming: bool = option(False, help="read training data lazily (memory bounded; needs train.max_steps)")
     max_train_blocks: int | None = option(None, help="keep only the first N training examples", ge=1)
     max_eval_blocks: int | None = option(None, help="keep only the first N eval examples", ge=1)
 
@@ -89,6 +115,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """The optimizer loop (HF Trainer)."""
+    method: Literal["sft", "dpo", "orpo", "grpo"] = option(
+        "sft", help="sft: supervised (incl. distill: with a distill section); dpo / orpo: preference pairs; grpo: "
+        "RL with reward functions (TRL's trainers underneath)")
     output_dir: str = option("outputs/run", help="where adapters, checkpoints, logs and lowbit_run.json go")
     overwrite_output: bool = option(False, help="replace a finished run in output_dir")
     seed: int = option(42, help="seed for data order, LoRA init and dropout")
@@ -152,6 +181,25 @@ class DistillSection:
 
 
 @dataclass
+class PreferenceSection:
+    """DPO / ORPO settings (TRL's DPOConfig / ORPOConfig names); the reference model is the base with adapters off."""
+    beta: float = option(0.1, help="DPO: KL strength against the reference; ORPO: weight of the odds-ratio term",
+                         gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = option("sigmoid", help="DPO loss variant")
+
+
+@dataclass
+class GrpoSection:
+    """GRPO settings (TRL's GRPOConfig names)."""
+    reward_funcs: list[str] = option(default_factory=list, help="'module:function' rewards, each called as "
+                                     "f(prompts, completions, **columns) -> list[float]")
+    num_generations: int = option(4, help="completions sampled per prompt (the group)", ge=2)
+    max_completion_length: int = option(64, help="tokens per sampled completion", ge=1)
+    temperature: float = option(1.0, help="sampling temperature", gt=0)
+    beta: float = option(0.0, help="KL coefficient against the reference (0: no reference model)", ge=0)
+
+
+@dataclass
 class RunConfig:
     """A QLoRA / QAT / distillation training run."""
     model: ModelConfig = option(default_factory=ModelConfig, help="")
@@ -161,6 +209,8 @@ class RunConfig:
     eval: EvalConfig = option(default_factory=EvalConfig, help="")
     qat: QatSection = option(default_factory=QatSection, help="")
     distill: DistillSection = option(default_factory=DistillSection, help="")
+    preference: PreferenceSection = option(default_factory=PreferenceSection, help="")
+    grpo: GrpoSection = option(default_factory=GrpoSection, help="")
 
     # names users bring from transformers/peft/TRL configs → ours (difflib cannot guess these)
     ALIASES: ClassVar[dict[str, str]] = {

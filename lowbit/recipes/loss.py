@@ -58,17 +58,19 @@ class _FrozenHeadCE(torch.autograd.Function):
         return grad_h * grad_total.to(grad_h.dtype), None, None, None, None
 
 
-def hidden_and_head(model, input_ids, attention_mask=None):
+def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
     """Final hidden states from the decoder, and the lm_head weight."""
     base = unwrap_peft(model)
-    out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
     return out.last_hidden_state, base.get_output_embeddings().weight, getattr(base.config, "final_logit_softcapping",
                                                                                 None)
 
 
-def nll_sum(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 256) -> tuple[torch.Tensor, int]:
+def nll_sum(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 256,
+            position_ids=None) -> tuple[torch.Tensor, int]:
     """(sum of next-token negative log-likelihoods over labelled positions, their count)."""
-    h, w, softcap = hidden_and_head(model, input_ids, attention_mask)
+    h, w, softcap = hidden_and_head(model, input_ids, attention_mask, position_ids)
     y = labels[:, 1:].reshape(-1)
     h = h[:, :-1].reshape(-1, h.shape[-1])
     keep = y != IGNORE_INDEX
@@ -85,9 +87,10 @@ def nll_sum(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 2
     return total, int(y.numel())
 
 
-def causal_lm_loss(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 256) -> torch.Tensor:
+def causal_lm_loss(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 256,
+                   position_ids=None) -> torch.Tensor:
     """Mean next-token cross entropy (fp32), equal to HF's `model(labels=...).loss`."""
-    total, n = nll_sum(model, input_ids, labels, attention_mask, chunk_tokens)
+    total, n = nll_sum(model, input_ids, labels, attention_mask, chunk_tokens, position_ids)
     return total / max(n, 1)
 
 
@@ -100,9 +103,14 @@ def perplexity(model, examples: list[dict], collate, batch_size: int = 4, chunk_
     nll, n = 0.0, 0
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
-        s, c = nll_sum(model, b["input_ids"], b["labels"], b["attention_mask"], chunk_tokens)
+        b = _to(collate(examples[i:i + batch_size]), device)
+        s, c = nll_sum(model, b["input_ids"], b["labels"], b["attention_mask"], chunk_tokens, b.get("position_ids"))
         nll += s.item()
         n += c
     model.train(was_training)
     return math.exp(nll / max(n, 1))
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}

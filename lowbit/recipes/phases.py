@@ -1,4 +1,4 @@
-"""The training recipe as named phases: model → data → evaluate (before) → trainer → train → evaluate (after) → save.
+"""The training recipe as named phases: data → model → evaluate (before) → trainer → train → evaluate (after) → save.
 
 `run(cfg)` calls them in order on one `Run`, the state they hand each other; each phase is short
 enough to read at once, and a script can call them one by one (e.g. to stop after `data`).
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, set_seed
 
 from lowbit.distributed import validate as scale_check
 from lowbit.distributed.checkpoints import CompleteCheckpoints, resolve_resume
@@ -21,6 +21,7 @@ from lowbit.errors import ConfigError, InputError, TrainingError
 from lowbit.methods import qat
 from lowbit.methods.loftq import apply_loftq
 from lowbit.models import load_model
+from lowbit.models.load import _read_config
 from lowbit.modules.lora import add_lora, prepare_for_kbit_training
 from lowbit.recipes import qat_run
 from lowbit.recipes.callbacks import JsonlLogger, StopOnNonFinite
@@ -29,14 +30,14 @@ from lowbit.recipes.data import build_datasets
 from lowbit.recipes.distill import check_vocab, head_rows
 from lowbit.recipes.loftq_init import RunLoftQ, loftq_for_run
 from lowbit.recipes.loss import perplexity
-from lowbit.recipes.trainer import LowbitTrainer
+from lowbit.recipes.trainer import LowbitTrainer, method_config, method_trainer
 from lowbit.utils.batching import Collator
 from lowbit.utils.hashing import model_folder_hash
 from lowbit.utils.io import atomic_dir
 from lowbit.utils.modules import unwrap_peft
 from lowbit.utils.run_record import BaseModelRecord, EngineRecord, RunRecord
 
-PHASES = ("model", "data", "evaluate", "trainer", "train", "evaluate", "save")
+PHASES = ("data", "model", "evaluate", "trainer", "train", "evaluate", "save")
 
 
 @dataclass
@@ -60,8 +61,8 @@ class Run:
 def run(cfg: RunConfig) -> dict:
     """The whole recipe; returns the metrics also written to lowbit_run.json."""
     r = start(cfg)
+    data_phase(r)  # before the model: a bad row or a missing file stops the run before the expensive part
     model_phase(r)
-    data_phase(r)
     evaluate_phase(r, "before")
     trainer_phase(r)
     train_phase(r)
@@ -83,15 +84,11 @@ def start(cfg: RunConfig) -> Run:
 def model_phase(r: Run) -> None:
     """4-bit base (LoftQ-requantized when asked) → LoRA adapters → QAT fake quantizers."""
     cfg, q = r.cfg, r.cfg.model.quant
-    r.model, r.tok = load_model(cfg.model.path, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type,
+    r.model, _ = load_model(cfg.model.path, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type,
                                 blocksize=q.blocksize, double_quant=q.double_quant, storage_dtype=q.storage_dtype,
                                 compute_dtype=q.compute_dtype, skip_modules=tuple(q.skip_modules),
                                 keep_embeddings_in_compute_dtype=q.keep_embeddings_in_compute_dtype,
                                 trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.tokenizer:
-        r.tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
-    if r.tok.pad_token_id is None:
-        r.tok.pad_token = r.tok.eos_token
     if cfg.lora.init == "loftq":  # requantize the base in place before LoRA wraps it
         r.loftq = loftq_for_run(r.model, r.tok, cfg, r.out, resuming=r.resume is not None)
     prepare_for_kbit_training(r.model, cfg.train.gradient_checkpointing)
@@ -103,11 +100,23 @@ def model_phase(r: Run) -> None:
     r.model, r.qat_config = qat_run.prepare(r.model, cfg)
 
 
+def load_tokenizer(cfg: RunConfig):
+    tok = AutoTokenizer.from_pretrained(Path(cfg.model.tokenizer or cfg.model.path),
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def data_phase(r: Run) -> None:
+    """Tokenizer and datasets: every row checked, tokenized and packed (or left to TRL for dpo/orpo/grpo)."""
+    model_config = _read_config(Path(r.cfg.model.path), r.cfg.model.trust_remote_code)  # missing/foreign: one line
+    r.tok = load_tokenizer(r.cfg)
     offline = r.cfg.distill.enabled and r.cfg.distill.source == "offline"
     r.train_examples, r.eval_examples = build_datasets(r.tok, r.cfg.data, r.cfg.train.seed, with_topk=offline)
-    r.collate = Collator(r.tok.pad_token_id)
-    r.metrics.update(train_examples=len(r.train_examples), eval_examples=len(r.eval_examples))
+    r.collate = Collator(r.tok.pad_token_id, model_config)
+    r.metrics.update(train_examples=len(r.train_examples) if hasattr(r.train_examples, "__len__") else None,
+                     eval_examples=len(r.eval_examples))
 
 
 def evaluate_phase(r: Run, when: str) -> None:
@@ -126,9 +135,10 @@ def evaluate_phase(r: Run, when: str) -> None:
         print(f"held-out perplexity {when} training: {ppl:.3f}", flush=True)
 
 
-def training_arguments(cfg: RunConfig, out: Path) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, out: Path):
+    """The method's TRL config (a TrainingArguments subclass) with lowbit's loop settings."""
     t = cfg.train
-    return TrainingArguments(
+    return method_config(cfg, dict(
         output_dir=str(out), seed=t.seed, max_steps=t.max_steps, num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
         lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
@@ -137,7 +147,7 @@ def training_arguments(cfg: RunConfig, out: Path) -> TrainingArguments:
         save_total_limit=None, report_to=["tensorboard"] if "tensorboard" in t.report_to else [],
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
-        ddp_find_unused_parameters=False)
+        ddp_find_unused_parameters=False))
 
 
 def _callbacks(r: Run) -> list:
@@ -162,8 +172,7 @@ def trainer_phase(r: Run) -> None:
     if teacher is not None:
         check_vocab(head_rows(r.model), head_rows(teacher))  # before any step, not at the first loss
         teacher.to(args.device)
-    r.trainer = LowbitTrainer(model=r.model, args=args, train_dataset=r.train_examples, data_collator=r.collate,
-                              callbacks=_callbacks(r), lowbit_cfg=r.cfg, teacher=teacher)
+    r.trainer = method_trainer(r.cfg, r.model, args, r.tok, r.train_examples, r.collate, _callbacks(r), teacher)
 
 
 def train_phase(r: Run) -> None:
