@@ -147,7 +147,10 @@ def training_arguments(cfg: RunConfig, out: Path):
         save_total_limit=None, report_to=["tensorboard"] if "tensorboard" in t.report_to else [],
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
-        ddp_find_unused_parameters=False))
+        ddp_find_unused_parameters=False,
+        # TRL's configs default to bf16 autocast where supported; lowbit's model already computes in
+        # model.quant.compute_dtype, and autocast on top would change its numerics
+        bf16=False, fp16=False))
 
 
 def _callbacks(r: Run) -> list:
