@@ -32,7 +32,10 @@ def _export_parser() -> argparse.ArgumentParser:
     ap.add_argument("source", help="lowbit run folder, peft adapter folder, or (bnb4/gguf) a dense HF model folder")
     ap.add_argument("out", help="output folder (a .gguf file for --format gguf)")
     ap.add_argument("--format", required=True, choices=FORMATS)
-    ap.add_argument("--gguf-type", default="F16", choices=GGUF_TYPES[:4])
+    ap.add_argument("--gguf-type", default="F16", choices=GGUF_TYPES,
+                    help="llama.cpp file type; per-tensor types follow llama-quantize's rules")
+    ap.add_argument("--imatrix", help="gguf: llama-imatrix output (GGUF or .dat) weighing the k-quants' errors")
+    ap.add_argument("--calibration", help="gguf: text file to compute the importance matrix from (as llama-imatrix)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="merged: output dtype")
     ap.add_argument("--base", help="base HF model folder (default: the one recorded at training time)")
@@ -59,7 +62,7 @@ def merge_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     a = _export_parser().parse_args(argv)
     rep = export(a.source, a.out, a.format, base=a.base, gguf_type=a.gguf_type, dtype=a.dtype,
-                 overwrite=a.overwrite, verify=not a.no_verify)
+                 overwrite=a.overwrite, verify=not a.no_verify, imatrix=a.imatrix, calibration=a.calibration)
     _print_report(rep)
     return 0
 

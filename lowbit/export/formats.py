@@ -14,6 +14,7 @@ from lowbit import kernels
 from lowbit.errors import ConfigError, InputError
 from lowbit.export.bnb4bit import save_bnb4
 from lowbit.export.gguf_writer import _ARCHS, _gguf_tensors, export_gguf
+from lowbit.export.imatrix import compute_imatrix, read_imatrix
 from lowbit.export.merge import _logits, _probe_ids, load_adapter_model, merge, merge_into_dense, resolve_adapter
 from lowbit.format import quantize
 from lowbit.methods.loftq import LOFTQ_BASE_FILE
@@ -116,11 +117,22 @@ def verify_bnb4(out, model, tok, blocksize: int = 64) -> dict:
 
 
 def export_gguf_file(source, out, *, base=None, gguf_type: str = "F16", overwrite: bool = False, verify: bool = True,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, imatrix=None, calibration=None) -> dict:
+    """Dense model (merged from an adapter when given one) → GGUF; `imatrix` (a llama-imatrix file) or
+    `calibration` (text to compute one from) weighs the k-quants' errors as llama-quantize does."""
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if imatrix is not None and calibration is not None:
+        raise ConfigError("give --imatrix FILE or --calibration TEXT, not both")
     model, tok, info = dense_source(source, base, progress)
-    rep = export_gguf(model, tok, out, gguf_type, overwrite=overwrite, progress=progress)
+    weights = None
+    if imatrix is not None:
+        weights = read_imatrix(imatrix)
+    elif calibration is not None:
+        names = {hf: g for (g, _), hf in zip(_gguf_tensors(model, _ARCHS.get(model.config.model_type, "LLAMA")),
+                                               _hf_names(model), strict=True)}
+        weights = compute_imatrix(model, tok, calibration, names, progress=progress)
+    rep = export_gguf(model, tok, out, gguf_type, overwrite=overwrite, progress=progress, imatrix=weights)
     report = {"format": "gguf", **info, **rep}
     if verify:
         report.update(verify_gguf(out, model, tok, gguf_type))
@@ -137,7 +149,7 @@ def gguf_reference(model, gguf_path):
     ref = copy.deepcopy(model)
     arch_key = _ARCHS[model.config.model_type]
     names = {}
-    for (gname, _), hf_name in zip(_gguf_tensors(model, arch_key), _hf_names(model)):
+    for (gname, _), hf_name in zip(_gguf_tensors(model, arch_key), _hf_names(model), strict=True):
         names[hf_name] = gname
     sd = ref.state_dict()
     cfg = model.config
@@ -182,7 +194,8 @@ def verify_gguf(out, model, tok, gguf_type: str) -> dict:
 
 
 def export(source, out, fmt: str, *, base=None, gguf_type: str = "F16", dtype: str = "bfloat16",
-           overwrite: bool = False, verify: bool = True, progress: bool = True) -> dict:
+           overwrite: bool = False, verify: bool = True, progress: bool = True, imatrix=None,
+           calibration=None) -> dict:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} unknown; choose one of {', '.join(FORMATS)}")
     if fmt == "peft":
@@ -193,4 +206,4 @@ def export(source, out, fmt: str, *, base=None, gguf_type: str = "F16", dtype: s
     if fmt == "bnb4":
         return export_bnb4(source, out, base=base, overwrite=overwrite, verify=verify, progress=progress)
     return export_gguf_file(source, out, base=base, gguf_type=gguf_type, overwrite=overwrite, verify=verify,
-                            progress=progress)
+                            progress=progress, imatrix=imatrix, calibration=calibration)

@@ -17,28 +17,49 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError, UnsupportedModelError
+from lowbit.export.gguf_types import ModelParams, tensor_types
+from lowbit.format import ggml_quants
 from lowbit.utils.io import atomic_path
 
-GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "F32")
+# file types (llama-quantize's names); each tensor's own type comes from llama.cpp's rules (gguf_types)
+GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F32")
 _ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "gemma3_text": "GEMMA3"}
 # token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 
-def _qtype(name: str):
-    import gguf
+def _check_type(name: str) -> str:
     if name not in GGUF_TYPES:
-        raise ConfigError(f"--gguf-type {name!r} unknown; choose one of {', '.join(GGUF_TYPES[:4])}")
-    return {"F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16,
-            "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0,
-            "F32": gguf.GGMLQuantizationType.F32}[name]
+        raise ConfigError(f"--gguf-type {name!r} unknown; choose one of {', '.join(GGUF_TYPES)}")
+    return name
 
 
 def _file_type(name: str):
     import gguf
-    return {"F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
-            "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-            "F32": gguf.LlamaFileType.ALL_F32}[name]
+    return gguf.LlamaFileType.ALL_F32 if name == "F32" else getattr(gguf.LlamaFileType, f"MOSTLY_{name}")
+
+
+def tensor_type_plan(items: list[tuple[str, torch.Tensor]], model, gguf_type: str, has_imatrix: bool) -> dict:
+    """{gguf name: ggml type name} as llama-quantize would choose them for this file type."""
+    cfg = model.config
+    params = ModelParams(n_layer=cfg.num_hidden_layers, n_expert=getattr(cfg, "num_local_experts", 0) or 0,
+                         n_head=cfg.num_attention_heads, n_head_kv=getattr(cfg, "num_key_value_heads", 0) or 0)
+    return tensor_types({n: tuple(t.shape) for n, t in items}, gguf_type, params, has_imatrix=has_imatrix)
+
+
+def encode_tensor(t: torch.Tensor, qtype: str, quant_weights: torch.Tensor | None = None) -> np.ndarray:
+    """The tensor's data in ggml type `qtype`: our byte-identical quantizers; gguf-py's for the types we lack."""
+    import gguf
+    data = t.detach().float()
+    if qtype == "F32":
+        return data.numpy()
+    if qtype == "F16":
+        return data.numpy().astype(np.float16)
+    if qtype == "BF16":
+        return gguf.quants.quantize(data.numpy(), gguf.GGMLQuantizationType.BF16)
+    if qtype in ggml_quants.SUPPORTED_TYPES:
+        return ggml_quants.quantize(data.reshape(-1, data.shape[-1]), qtype, quant_weights).numpy()
+    return gguf.quants.quantize(data.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
 
 
 def permute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -72,17 +93,6 @@ def _gguf_tensors(model: nn.Module, arch_key: str):
         elif arch_key == "GEMMA3" and hf_name.endswith("norm.weight"):
             t = t + 1  # Gemma's RMSNorm computes x·(1+w); llama.cpp stores (1+w)
         yield f"{new}.{suffix}", t
-
-
-def _tensor_type(name: str, t: torch.Tensor, qtype):
-    import gguf
-    if t.dim() == 1 or name.endswith("_norm.weight"):
-        return gguf.GGMLQuantizationType.F32
-    if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
-        block, _ = gguf.GGML_QUANT_SIZES[qtype]
-        if t.shape[-1] % block:
-            return gguf.GGMLQuantizationType.F16  # llama.cpp's fallback for rows that do not split into blocks
-    return qtype
 
 
 def _add_arch_metadata(w, model, arch_key: str, name: str, gguf_type: str) -> None:
@@ -171,10 +181,21 @@ def _add_tokenizer(w, tok, arch_key: str, vocab_size: int) -> None:
         v = getattr(tok, key, None)
         if v is not None:
             fn(int(v))
+    eot = _end_of_turn_id(tok)
+    if eot is not None:  # llama.cpp stops a chat turn at EOT (Gemma's <end_of_turn>, ChatML's <|im_end|>)
+        w.add_eot_token_id(eot)
     w.add_add_bos_token(bool(getattr(tok, "add_bos_token", True)))
     w.add_add_eos_token(bool(getattr(tok, "add_eos_token", False)))
     if getattr(tok, "chat_template", None):
         w.add_chat_template(tok.chat_template)
+
+
+EOT_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def _end_of_turn_id(tok) -> int | None:
+    vocab = tok.get_vocab()
+    return next((vocab[t] for t in EOT_TOKENS if t in vocab), None)
 
 
 def _walk(node):
@@ -187,11 +208,11 @@ def _walk(node):
 
 
 def export_gguf(model: nn.Module, tok, out, gguf_type: str = "F16", overwrite: bool = False, name: str | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, imatrix: dict[str, torch.Tensor] | None = None) -> dict:
     """Write `model` (dense HF Llama/Mistral/Gemma3 causal LM) + tokenizer to one GGUF file, atomically."""
     import gguf
     from tqdm.auto import tqdm
-    qtype = _qtype(gguf_type)
+    _check_type(gguf_type)
     mt = model.config.model_type
     if mt not in _ARCHS:
         raise UnsupportedModelError(f"GGUF export supports {', '.join(_ARCHS)} models, not {mt!r}; export "
@@ -202,33 +223,32 @@ def export_gguf(model: nn.Module, tok, out, gguf_type: str = "F16", overwrite: b
     if out.suffix != ".gguf":
         raise ConfigError(f"GGUF output {out} must end in .gguf")
     counts: dict[str, int] = {}
+    items = list(_gguf_tensors(model, arch_key))
+    plan = tensor_type_plan(items, model, gguf_type, imatrix is not None)
     with atomic_path(out, overwrite) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch_name)
         _add_arch_metadata(w, model, arch_key, name or (model.config.name_or_path and Path(
             model.config.name_or_path).name) or mt, gguf_type)
         _add_tokenizer(w, tok, arch_key, model.config.vocab_size)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        items = list(_gguf_tensors(model, arch_key))
         for gname, t in tqdm(items, desc=f"GGUF {gguf_type}", unit="tensor", disable=not progress):
-            tt = _tensor_type(gname, t, qtype)
-            data = t.numpy().astype(np.float32)
-            if tt == gguf.GGMLQuantizationType.F32:
+            tt = plan[gname]
+            qw = None if imatrix is None else imatrix.get(gname)
+            data = encode_tensor(t, tt, qw)
+            if tt in ("F32", "F16"):
                 w.add_tensor(gname, data)
-            elif tt == gguf.GGMLQuantizationType.F16:
-                w.add_tensor(gname, data.astype(np.float16))
-            else:
-                q = gguf.quants.quantize(data, tt)
-                # quantize returns bytes; the writer turns the byte shape back into the element shape
-                w.add_tensor(gname, q, raw_dtype=tt)
-            counts[tt.name] = counts.get(tt.name, 0) + 1
+            else:  # raw bytes; the writer turns the byte shape back into the element shape
+                w.add_tensor(gname, data.reshape(*t.shape[:-1], -1), raw_dtype=getattr(gguf.GGMLQuantizationType, tt))
+            counts[tt] = counts.get(tt, 0) + 1
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
         w.close()
     return {"path": str(out), "gguf_type": gguf_type, "architecture": arch_name, "tensor_types": counts,
-            "bytes": out.stat().st_size}
+            "imatrix": imatrix is not None, "bytes": out.stat().st_size}
 
 
 def gguf_tolerance(gguf_type: str) -> float:
     """Relative weight error budget of each type (|Δw| / max|w| per block), used to scale logit checks."""
-    return {"F32": 1e-6, "F16": 2 ** -11, "BF16": 2 ** -8, "Q8_0": 1 / 127, "Q4_0": 1 / 8}[gguf_type]
+    return {"F32": 1e-6, "F16": 2 ** -11, "BF16": 2 ** -8, "Q8_0": 1 / 127, "Q6_K": 1 / 32, "Q5_K_M": 1 / 16,
+            "Q4_K_M": 1 / 8, "Q4_K_S": 1 / 8, "Q4_0": 1 / 8}[gguf_type]

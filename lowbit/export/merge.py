@@ -19,6 +19,8 @@ from lowbit.models import load_model
 from lowbit.models.load import as_dtype
 from lowbit.modules.linear4bit import Linear4bit
 from lowbit.modules.lora import load_adapter
+from lowbit.modules.moe4bit import Experts4bit
+from lowbit.modules.structure import is_conv1d
 from lowbit.utils.hashing import model_folder_hash
 from lowbit.utils.io import atomic_dir, write_json
 from lowbit.utils.modules import set_module
@@ -80,7 +82,9 @@ def check_base(src: AdapterSource) -> None:
                                 f"({recorded.path}, sha256 {recorded.sha256[:12]}…): its config or "
                                 "weights differ; pass the original base with --base")
     cfg = AutoConfig.from_pretrained(base)
-    if recorded is not None and recorded.model_type and recorded.model_type != cfg.model_type:
+    # image-text checkpoints: the run records the model it trained (e.g. the text model of qwen3_5)
+    if recorded is not None and recorded.model_type and \
+            recorded.model_type not in (cfg.model_type, cfg.get_text_config().model_type):
         raise BaseMismatchError(f"adapter was trained on a {recorded.model_type!r} model but {base} is "
                                 f"{cfg.model_type!r}; pass the original base with --base")
     _check_adapter_shapes(src.adapter_dir, cfg, base)
@@ -98,20 +102,37 @@ def _check_adapter_shapes(adapter_dir: Path, cfg, base: Path) -> None:
     mods = dict(skeleton.named_modules())
     with safe_open(str(f), "pt") as sf:
         for key in sf.keys():
-            # base_model.model.<module>.lora_A.weight
+            # base_model.model.<module>.lora_A.weight; nested expert wrappers add .base_layer
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
-            mod_name = key.removeprefix("base_model.model.").split(".lora_")[0]
+            mod_name = key.removeprefix("base_model.model.").split(".lora_")[0].replace(".base_layer", "")
             mod = mods.get(mod_name)
             shape = tuple(sf.get_slice(key).get_shape())
             if mod is None:
                 raise BaseMismatchError(f"adapter tensor {key} targets {mod_name}, which base {base} does not have; "
                                         "pass the base the adapter was trained on with --base")
             want = shape[1] if ".lora_A." in key else shape[0]
-            have = mod.in_features if ".lora_A." in key else mod.out_features
-            if want != have:
-                raise BaseMismatchError(f"adapter tensor {key} has shape {shape} but {mod_name} in base {base} is "
-                                        f"{mod.out_features}x{mod.in_features}; pass the matching base with --base")
+            ins, outs = _in_out_features(mod)
+            if want not in (ins if ".lora_A." in key else outs):
+                raise BaseMismatchError(f"adapter tensor {key} has shape {shape} but {mod_name} in base {base} takes "
+                                        f"inputs of size {sorted(ins)} and gives {sorted(outs)}; pass the matching "
+                                        "base with --base")
+
+
+def _in_out_features(mod: nn.Module) -> tuple[set[int], set[int]]:
+    """Possible (input, output) sizes of a LoRA on `mod`: a Linear/Conv1D, or each 3-D experts tensor as peft reads it."""
+    if is_conv1d(mod):
+        return {mod.weight.shape[0]}, {mod.weight.shape[1]}
+    if hasattr(mod, "in_features"):
+        return {mod.in_features}, {mod.out_features}
+    ins, outs = set(), set()
+    for p in mod.parameters(recurse=False):
+        if p.dim() == 3:
+            d1, d2 = p.shape[1:]
+            i, o = (d1, d2) if getattr(mod, "is_transposed", False) else (d2, d1)
+            ins.add(i)
+            outs.add(o)
+    return ins, outs
 
 
 def load_adapter_model(src: AdapterSource, compute_dtype="float32", progress: bool = False):
@@ -131,21 +152,29 @@ def load_adapter_model(src: AdapterSource, compute_dtype="float32", progress: bo
 
 
 def merge_into_dense(peft_model, dtype=torch.bfloat16, adapter_name: str = "default") -> nn.Module:
-    """Replace every LoRA-wrapped and plain 4-bit Linear with a dense `nn.Linear` (in place) → HF model."""
+    """Replace every LoRA-wrapped and plain 4-bit layer with its dense transformers form (in place) → HF model:
+    `nn.Linear` (GPT-2's `Conv1D` where it was one), and the family's fused experts module for `Experts4bit`."""
     from peft.tuners.lora import LoraLayer
 
     dtype = as_dtype(dtype)
-    base = peft_model.get_base_model()
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    for name, mod in list(base.named_modules()):
+        if isinstance(mod, LoraLayer) and isinstance(mod.get_base_layer(), Experts4bit) and \
+                not name.endswith(".base_layer"):
+            set_module(base, name, _merged_experts(mod, adapter_name, dtype))
     for name, mod in list(base.named_modules()):
         if isinstance(mod, LoraLayer):
             layer = mod.get_base_layer()
             w = _dense_weight(layer)
             if adapter_name in mod.lora_A:
                 w = w + mod.get_delta_weight(adapter_name).float()
-            set_module(base, name, _linear(w, layer.bias, dtype))
+            conv1d = getattr(layer, "lowbit_conv1d", False) or is_conv1d(layer)
+            set_module(base, name, _linear(w, layer.bias, dtype, conv1d))
     for name, mod in list(base.named_modules()):
         if isinstance(mod, Linear4bit):
-            set_module(base, name, _linear(_dense_weight(mod), mod.bias, dtype))
+            set_module(base, name, _linear(_dense_weight(mod), mod.bias, dtype, getattr(mod, "lowbit_conv1d", False)))
+        elif isinstance(mod, Experts4bit):
+            set_module(base, name, mod.to_dense(dtype))
     base.to(dtype)
     for attr in ("lowbit_quantization", "lowbit_loftq"):
         if hasattr(base.config, attr):
@@ -154,11 +183,31 @@ def merge_into_dense(peft_model, dtype=torch.bfloat16, adapter_name: str = "defa
     return base
 
 
+def _merged_experts(wrapper, adapter_name: str, dtype) -> nn.Module:
+    """deq(experts) + each wrapped projection's LoRA delta (nested peft wrappers, one per parameter) → dense module."""
+    from peft.tuners.lora import LoraLayer
+    experts, deltas = wrapper.get_base_layer(), {}
+    while isinstance(wrapper, LoraLayer):
+        if adapter_name in wrapper.lora_A:
+            deltas[wrapper.parameter_name] = wrapper.get_delta_weight(adapter_name).float()
+        wrapper = wrapper.base_layer
+    weights = {p: experts.dequantize(p, torch.float32) + d for p, d in deltas.items()}
+    return experts.to_dense(dtype, weights)
+
+
 def _dense_weight(layer) -> torch.Tensor:
-    return layer.dequantize(torch.float32) if isinstance(layer, Linear4bit) else layer.weight.detach().float()
+    if isinstance(layer, Linear4bit):
+        return layer.dequantize(torch.float32)
+    return layer.weight.detach().float().t() if is_conv1d(layer) else layer.weight.detach().float()
 
 
-def _linear(w: torch.Tensor, bias, dtype) -> nn.Linear:
+def _linear(w: torch.Tensor, bias, dtype, conv1d: bool = False) -> nn.Module:
+    if conv1d:  # GPT-2 keeps (in, out): write it back in its own layout so transformers reloads it
+        from transformers.pytorch_utils import Conv1D
+        layer = Conv1D(w.shape[0], w.shape[1])
+        layer.weight = nn.Parameter(w.t().contiguous().to(dtype), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        return layer
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     if bias is not None:
