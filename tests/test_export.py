@@ -22,6 +22,23 @@ def run_dir(tiny_model_dirs, tmp_path_factory):
     return out
 
 
+def qwen3_head128(tmp_path):
+    """A tiny Qwen3 with head_dim 128, as every released Qwen3: transformers' GGUF loader reads no head_dim
+    from the file and assumes Qwen3's default (llama.cpp reads attention.key_length, which we write)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from lowbit.testing.tiny import make_tokenizer
+    tok = make_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
 def gemma3_head256(tmp_path):
     """A tiny Gemma3 whose head_dim = query_pre_attn_scalar = 256, as in Gemma-3-270M: GGUF stores no
     attention scalar, so llama.cpp and transformers' GGUF loader both assume these match."""
@@ -78,13 +95,14 @@ def test_bnb4_export_bytes_match_lowbit_format(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q4_0"])
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "qwen3"])
 def test_gguf_loads_back_with_matching_logits(arch, gguf_type, tiny_model_dirs, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.export.formats import verify_gguf
-    src = tiny_model_dirs("llama") if arch == "llama" else gemma3_head256(tmp_path / "g3")
+    src = gemma3_head256(tmp_path / "g3") if arch == "gemma3" else qwen3_head128(tmp_path / "q3") \
+        if arch == "qwen3" else tiny_model_dirs(arch)
     dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(src)
     out = tmp_path / f"model-{gguf_type}.gguf"
@@ -92,12 +110,12 @@ def test_gguf_loads_back_with_matching_logits(arch, gguf_type, tiny_model_dirs, 
 
     reader = gguf.GGUFReader(str(out))
     field = lambda k: reader.fields[k].contents()  # noqa: E731
-    assert field("general.architecture") == ("llama" if arch == "llama" else "gemma3")
+    assert field("general.architecture") == arch
     assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == len(tok)
     assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_down.weight"] == gguf_type and types["output_norm.weight"] == "F32"
-    assert ("output.weight" in types) == (arch == "llama")  # Gemma3 ties the head to the embedding
+    assert ("output.weight" in types) == (arch != "gemma3")  # Gemma3 ties the head to the embedding
 
     # transformers' GGUF loader == the decoded weights (tight), and ≈ the dense model (format tolerance)
     v = verify_gguf(out, dense, tok, gguf_type)

@@ -23,7 +23,8 @@ from lowbit.utils.io import atomic_path
 
 # file types (llama-quantize's names); each tensor's own type comes from llama.cpp's rules (gguf_types)
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F32")
-_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "gemma3_text": "GEMMA3"}
+# model_type -> gguf MODEL_ARCH (the conventions of each follow llama.cpp's convert_hf_to_gguf.py classes)
+_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "gemma3_text": "GEMMA3", "qwen2": "QWEN2", "qwen3": "QWEN3"}
 # token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
@@ -108,10 +109,14 @@ def _add_arch_metadata(w, model, arch_key: str, name: str, gguf_type: str) -> No
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_file_type(_file_type(gguf_type))
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if arch_key == "LLAMA":
+    if arch_key in ("LLAMA", "QWEN2", "QWEN3"):
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         w.add_rope_freq_base(float(theta))
-        w.add_rope_dimension_count(head_dim)
+        if arch_key == "LLAMA":
+            w.add_rope_dimension_count(head_dim)
+        if arch_key == "QWEN3" or head_dim * cfg.num_attention_heads != cfg.hidden_size:
+            w.add_key_length(head_dim)  # Qwen3's head_dim is its own setting, not hidden / heads
+            w.add_value_length(head_dim)
         w.add_vocab_size(cfg.vocab_size)
     else:  # GEMMA3: as llama.cpp's Gemma3Model.set_gguf_parameters
         full = rope.get("full_attention", rope)
