@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 .venv/bin/ruff check lowbit tests scripts train.py
 .venv/bin/python scripts/prepare_model.py
+.venv/bin/python scripts/prepare_model.py --model smollm2-135m
 .venv/bin/python scripts/prepare_data.py
 if command -v nvcc >/dev/null 2>&1; then
   bash scripts/check_cuda_compile.sh
