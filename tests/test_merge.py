@@ -114,10 +114,9 @@ def test_requantizing_weights_already_on_the_nf4_grid_adds_no_error(tiny_model_d
     """What merge-aware QAT produces: merged weights that are NF4 values already → requantization is lossless."""
     from transformers import AutoModelForCausalLM
 
-    from lowbit.export.bnb4bit import bnb4_state_dict
-    from lowbit.export.formats import requantized_reference
+    from lowbit.export.bnb4bit import bnb4_reference, bnb4_state_dict
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dirs("llama"), dtype=torch.float32)
-    on_grid = requantized_reference(dense)  # NF4 + double quant, as training used
+    on_grid = bnb4_reference(dense)  # NF4 + double quant, as training used
     _, exact = bnb4_state_dict(on_grid, double_quant=False)
     assert max(e["rel_error"] for e in exact) < 1e-6
     # re-double-quantizing the absmax shifts its 8-bit codes (new offset): small, but not zero

@@ -111,3 +111,25 @@ def test_cli_bad_model_is_one_clear_error(capsys):
 def test_bad_setup_is_refused():
     with pytest.raises(ConfigError, match="zero_stage 5"):
         estimate(_shape(), Setup(zero_stage=5))
+
+
+def test_moe_estimate_counts_all_experts_resident_and_top_k_active(capsys):
+    """Mixtral 8x7B: 46.7B parameters, 12.9B active per token (Mistral AI's published figures)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # meta tensors: no compute, only op dispatch
+    try:
+        assert main(["estimate", "--model", "mixtral-8x7b", "--seq", "64", "--lora-dropout", "0", "--json"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    out = json.loads(capsys.readouterr().out)
+    assert out["sized_by"] == "meta trace"
+    assert out["params"] == pytest.approx(46.7e9, rel=0.01) and out["active_params"] == pytest.approx(12.9e9, rel=0.01)
+    # the 4-bit weights hold every expert; LoRA (peft target_parameters) trains a pair per expert
+    assert out["weights"] > 0.5 * 45e9 * 0.5 and out["expert_params_total"] == 4 * out["expert_params_active"]
+
+
+def test_cli_prints_active_and_total_for_an_moe_folder(tiny_model_dirs, capsys):
+    assert main(["estimate", "--model", str(tiny_model_dirs("qwen3_moe")), "--seq", "64", "--lora-dropout", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "active per token" in text and "all resident" in text

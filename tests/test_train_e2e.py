@@ -67,12 +67,14 @@ def test_bad_input_is_one_clear_error_line(override, message, tiny_model_dirs, t
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_unsupported_architecture_lists_supported(tmp_path):
-    from transformers import GPT2Config
-    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
-    p = _run([sys.executable, "train.py", "--config", TINY, f"model.path={tmp_path / 'gpt2'}",
+def test_encoder_only_architecture_is_refused_in_one_line(tmp_path):
+    from transformers import BertConfig
+    BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert")
+    p = _run([sys.executable, "train.py", "--config", TINY, f"model.path={tmp_path / 'bert'}",
               f"train.output_dir={tmp_path / 'run'}"])
-    assert p.returncode == 2 and "supported: llama, mistral, qwen2, qwen3, gemma3_text" in p.stderr
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(err) == 1 and "'bert' is an encoder-only" in err[0], p.stderr[-2000:]
 
 
 def test_finished_run_is_not_overwritten(tiny_model_dirs, tmp_path):

@@ -81,3 +81,14 @@ def test_grpo_with_a_verifiable_reward(tiny_model_dirs, tmp_path):
     assert all("kl" in r for r in log if "rewards/letter_e/mean" in r)  # beta > 0: the adapters-off reference ran
     b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in b.items())
+
+
+def test_sft_on_a_moe_model_trains_expert_adapters(tiny_model_dirs, tmp_path):
+    out = tmp_path / "moe"
+    m = run(load_config("configs/tiny/llama-qlora.yaml", [f"model.path={tiny_model_dirs('mixtral')}",
+                        f"train.output_dir={out}", "lora.target_parameters=all-experts", "lora.dropout=0",
+                        "train.report_to=[jsonl]", "eval.before=false", "train.max_steps=6"]))
+    losses = [r["loss"] for r in _log(out) if "loss" in r]
+    assert losses[-1] < losses[0] and m["eval_ppl_after"] > 0
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("experts" in k and k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in b.items())

@@ -3,6 +3,7 @@
     lowbit estimate --model .cache/models/gemma-3-270m --seq 512 --batch 4
     lowbit estimate --model llama-65b --seq 512 --batch 1 --method qlora --optimizer paged_adamw_8bit
     lowbit estimate --model llama-3-70b --world-size 8 --zero-stage 3 --method full --json
+    lowbit estimate --model qwen3-30b-a3b --seq 1024      # MoE: all experts resident, top-k active per token
 """
 from __future__ import annotations
 
@@ -11,14 +12,24 @@ import json
 import sys
 
 from lowbit.errors import LowbitError
-from lowbit.estimate.memory import DTYPE_BYTES, METHODS, OPTIMIZERS, PRESETS, ModelShape, Setup, estimate, report
+from lowbit.estimate.memory import (
+    CONFIG_PRESETS,
+    DTYPE_BYTES,
+    METHODS,
+    OPTIMIZERS,
+    PRESETS,
+    ModelShape,
+    Setup,
+    estimate,
+    report,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit estimate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
-                    help=f"HF model folder, config.json, or a preset: {', '.join(PRESETS)}")
+                    help=f"HF model folder, config.json, or a preset: {', '.join([*PRESETS, *CONFIG_PRESETS])}")
     ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
     ap.add_argument("--batch", type=int, default=1, help="sequences per device per micro-step")
     ap.add_argument("--method", choices=METHODS, default="qlora")
@@ -34,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--compute-dtype", choices=tuple(DTYPE_BYTES), default="bfloat16")
     ap.add_argument("--adapter-dtype", choices=tuple(DTYPE_BYTES), default="float32",
                     help="LoRA weight dtype (lowbit trains them in float32)")
+    ap.add_argument("--experts-lora", action=argparse.BooleanOptionalAction, default=True,
+                    help="MoE models: LoRA on the experts too (needs --lora-dropout 0)")
     ap.add_argument("--loss-chunk-tokens", type=int, default=256)
     ap.add_argument("--runtime-gib", type=float, default=0.0,
                     help="per-process baseline to add (CUDA context + allocator, or the CPU runtime)")
@@ -49,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         s = Setup(seq=a.seq, batch=a.batch, method=a.method, optimizer=a.optimizer,
                   gradient_checkpointing=a.gradient_checkpointing, world_size=a.world_size, zero_stage=a.zero_stage,
                   offload=a.offload, lora_r=a.lora_r, lora_dropout=a.lora_dropout, compute_dtype=a.compute_dtype,
-                  adapter_dtype=a.adapter_dtype,
+                  adapter_dtype=a.adapter_dtype, experts_lora=a.experts_lora,
                   loss_chunk_tokens=a.loss_chunk_tokens, runtime_bytes=int(a.runtime_gib * 2**30), **kw)
         if a.json:
             print(json.dumps(estimate(shape, s), indent=2))

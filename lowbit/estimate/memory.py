@@ -2,11 +2,13 @@
 
 Broken down into what stays resident (weights, adapters, gradients, optimizer state), the
 activations stored by the forward, and the transients of the three moments that can hold the
-peak: the chunked loss's logits, one layer's backward, the optimizer step. Activations are counted tensor by tensor from
-what autograd keeps for a Llama/Gemma/Qwen/Mistral decoder layer as lowbit runs it (our
-Linear4bit + peft LoRA, SDPA attention, HF RMSNorm), so the numbers follow the code, not
-a rule of thumb; `tests/test_scale_estimate.py` checks the per-layer count against autograd's
-saved tensors and `scripts/benchmark_estimate.py` against measured peak RSS.
+peak: the chunked loss's logits, one layer's backward, the optimizer step. For a model given by
+its config (a folder, a config.json, an MoE preset) QLoRA/LoRA activations and parameter counts
+come from running the real lowbit model on the meta device (probe.py: any family, MoE experts
+counted as T·k routed pairs, total vs active experts reported); published dense presets and
+full/QAT fine-tuning use the tensor-by-tensor count of a Llama/Gemma/Qwen/Mistral decoder layer
+below. `tests/test_scale_estimate.py` and `tests/test_any_model.py` check the per-layer counts
+against autograd's saved tensors and `scripts/benchmark_estimate.py` against measured peak RSS.
 
 Sharding (world_size > 1): ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3
 (and FSDP, `zero_stage=3`) also weights. CPU offload moves optimizer state (and for ZeRO-3
@@ -38,6 +40,15 @@ PRESETS = {
     "gemma-3-270m": dict(vocab=262144, hidden=640, intermediate=2048, layers=18, heads=4, kv_heads=1, head_dim=256,
                          tied=True, arch="gemma3_text"),
 }
+# MoE presets: config.json values, sized through the meta-device probe
+CONFIG_PRESETS = {
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                         num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8),
+}
 
 
 @dataclass
@@ -51,32 +62,37 @@ class ModelShape:
     head_dim: int = 0
     tied: bool = False
     arch: str = "llama"
+    config: dict | None = None  # the HF config: when set, QLoRA/LoRA are sized by the meta-device probe
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden // self.heads
 
     @classmethod
     def from_config(cls, c: dict) -> "ModelShape":
-        c = c.get("text_config", c)
-        try:
-            return cls(vocab=c["vocab_size"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-                       layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
-                       kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                       head_dim=c.get("head_dim") or 0, tied=bool(c.get("tie_word_embeddings", False)),
-                       arch=c.get("model_type", "llama"))
-        except KeyError as e:
-            raise InputError(f"model config lacks {e}; give a decoder-only HF config.json") from None
+        t = hf_config(c).get_text_config()
+        hidden, heads, layers = _attr(t, "hidden_size"), _attr(t, "num_attention_heads"), _attr(t, "num_hidden_layers")
+        if not hidden or not heads or not layers:
+            raise InputError("model config lacks hidden_size / num_attention_heads / num_hidden_layers; give a "
+                             "decoder-only HF config.json")
+        inter = _attr(t, "intermediate_size") or _attr(t, "n_inner") or 4 * hidden
+        return cls(vocab=_attr(t, "vocab_size"), hidden=hidden, intermediate=inter, layers=layers, heads=heads,
+                   kv_heads=_attr(t, "num_key_value_heads") or heads, head_dim=_attr(t, "head_dim") or 0,
+                   tied=bool(_attr(t, "tie_word_embeddings") or c.get("tie_word_embeddings", False)),
+                   arch=c.get("model_type", "llama"), config=c)
 
     @classmethod
     def load(cls, model: str) -> "ModelShape":
         """A preset name, an HF model folder, or a config.json path."""
         if model in PRESETS:
             return cls(**PRESETS[model])
+        if model in CONFIG_PRESETS:
+            return cls.from_config(CONFIG_PRESETS[model])
         p = Path(model)
         if p.is_dir():
             p = p / "config.json"
         if not p.exists():
-            raise InputError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder/config.json")
+            raise InputError(f"model {model!r} is neither a preset ({', '.join([*PRESETS, *CONFIG_PRESETS])}) nor a "
+                             "folder/config.json")
         return cls.from_config(json.loads(p.read_text()))
 
     @property
@@ -105,6 +121,24 @@ class ModelShape:
         return self.linear_params() + self.other_params()
 
 
+def _attr(cfg, name: str):
+    # per-layer (heterogeneous) configs such as Gemma 4's refuse global reads of e.g. head_dim
+    try:
+        return getattr(cfg, name, None)
+    except Exception:
+        return None
+
+
+def hf_config(c: dict):
+    """A transformers config object from a config.json dict."""
+    from transformers import AutoConfig
+    kw = {k: v for k, v in c.items() if k not in ("model_type", "transformers_version", "architectures")}
+    try:
+        return AutoConfig.for_model(c.get("model_type", "llama"), **kw)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"transformers does not know model type {c.get('model_type')!r} ({e})") from None
+
+
 @dataclass
 class Setup:
     seq: int = 512
@@ -124,8 +158,9 @@ class Setup:
     double_quant: bool = True
     loss_chunk_tokens: int = 256
     runtime_bytes: int = 0              # process baseline (CUDA context / CPU runtime), if known
+    experts_lora: bool = True           # MoE: LoRA on the experts too (peft target_parameters)
 
-    def check(self) -> None:
+    def check(self, known_targets=LINEARS) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -139,9 +174,9 @@ class Setup:
         for d in (self.compute_dtype, self.adapter_dtype):
             if d not in DTYPE_BYTES:
                 raise ConfigError(f"dtype {d!r}: choose one of {', '.join(DTYPE_BYTES)}")
-        bad = [t for t in self.target_modules if t not in LINEARS]
+        bad = [t for t in self.target_modules if known_targets is not None and t not in known_targets]
         if bad:
-            raise ConfigError(f"target_modules {bad} unknown; choose from {', '.join(LINEARS)}")
+            raise ConfigError(f"target_modules {bad} unknown; choose from {', '.join(known_targets)}")
 
 
 def _quant_bytes_per_param(blocksize: int, double_quant: bool) -> float:
@@ -180,21 +215,45 @@ def layer_activation_bytes(m: ModelShape, s: Setup) -> int:
     return int(total)
 
 
+def _probe(m: ModelShape, s: Setup):
+    """The meta-device trace of the real model (cached: a config and setup give one answer)."""
+    import torch
+
+    from lowbit.estimate.probe import probe
+    targets = "all-linear" if list(s.target_modules) == list(LINEARS) else list(s.target_modules)
+    key = (json.dumps(m.config, sort_keys=True, default=str), s.seq, s.batch, s.compute_dtype, s.lora_r,
+           s.lora_dropout, str(targets), s.experts_lora and s.lora_dropout == 0)
+    if key not in _PROBES:
+        _PROBES[key] = probe(hf_config(m.config), seq=s.seq, batch=s.batch,
+                             compute_dtype=getattr(torch, s.compute_dtype), lora_r=s.lora_r,
+                             lora_dropout=s.lora_dropout, target_modules=targets, experts_lora=key[-1])
+    return _PROBES[key]
+
+
+_PROBES: dict = {}
+
+
 def estimate(m: ModelShape, s: Setup) -> dict:
     """Peak bytes per device by component (+ host bytes under CPU offload)."""
-    s.check()
+    traced = m.config is not None and s.method in ("qlora", "lora")
+    s.check(None if traced else LINEARS)
     e, a = DTYPE_BYTES[s.compute_dtype], DTYPE_BYTES[s.adapter_dtype]
     W, T = s.world_size, s.batch * s.seq
     shard_w = W if s.zero_stage == 3 else 1
     shard_g = W if s.zero_stage >= 2 else 1
     shard_o = W if s.zero_stage >= 1 else 1
     shapes = m.linear_shapes()
-    if s.method == "qlora":
-        weights = m.linear_params() * _quant_bytes_per_param(s.blocksize, s.double_quant) + m.other_params() * e
+    pr = _probe(m, s) if traced else None
+    qbytes = _quant_bytes_per_param(s.blocksize, s.double_quant)
+    if pr is not None:
+        weights = pr.quantized_params * (qbytes if s.method == "qlora" else e) + pr.dense_params * e
+    elif s.method == "qlora":
+        weights = m.linear_params() * qbytes + m.other_params() * e
     else:
         weights = m.params() * e
     if s.method in ("qlora", "lora"):
-        trainable = m.layers * s.lora_r * sum(sum(shapes[t]) for t in s.target_modules)
+        trainable = pr.trainable_params if pr is not None else \
+            m.layers * s.lora_r * sum(sum(shapes[t]) for t in s.target_modules)
         adapters, grad_bytes, master = trainable * a, a, 0
     else:                                         # full / QAT: every weight trains
         trainable, adapters, grad_bytes = m.params(), 0, e
@@ -212,7 +271,7 @@ def estimate(m: ModelShape, s: Setup) -> dict:
         if s.offload == "optimizer+params":
             host += weights
             weights = 0.0
-    per_layer = layer_activation_bytes(m, s)
+    per_layer = max(pr.layer_bytes) if pr is not None else layer_activation_bytes(m, s)
     # The peak is the largest of three moments, not the sum of their transients (measured with a
     # dispatch-mode tracker of live tensors: tiny Llama, checkpointing on and off):
     #   loss:     stored activations + the final norm's input + the chunked loss's logits
@@ -223,7 +282,7 @@ def estimate(m: ModelShape, s: Setup) -> dict:
         activations = m.layers * e * T * m.hidden
         recompute = per_layer
     else:
-        activations = m.layers * per_layer
+        activations = sum(pr.layer_bytes) if pr is not None else m.layers * per_layer
         recompute = 0
     # chunked loss with a frozen head: d(loss)/dh kept for all tokens; one chunk's logits live
     # as the matmul output (compute dtype) and its fp32 copy, then the fp32 softmax cast back
@@ -234,9 +293,11 @@ def estimate(m: ModelShape, s: Setup) -> dict:
     # backward's activation gradients for one layer; the 4-bit backward (and QAT's fake-quantized
     # forward) dequantizes one weight; the gathered layer under ZeRO-3
     big_in, big_out = max(shapes.values(), key=lambda t: t[0] * t[1])
-    workspace = 3 * e * T * m.intermediate + 2 * e * T * m.hidden
+    biggest, widest = (pr.largest_weight, max(pr.widest_hidden, m.intermediate)) if pr is not None else \
+        (big_in * big_out, m.intermediate)
+    workspace = 3 * e * T * widest + 2 * e * T * m.hidden
     if s.method in ("qlora", "qat"):
-        workspace += e * big_in * big_out
+        workspace += e * biggest
     if s.zero_stage == 3 and W > 1:
         workspace += sum(x * y for x, y in shapes.values()) * (
             _quant_bytes_per_param(s.blocksize, s.double_quant) if s.method == "qlora" else e)
@@ -249,15 +310,21 @@ def estimate(m: ModelShape, s: Setup) -> dict:
              "step": step}
     parts = {k: int(v) for k, v in parts.items()}
     resident = sum(parts[k] for k in RESIDENT)
+    params = pr.quantized_params + pr.dense_params if pr is not None else m.params()
+    moe = {} if pr is None or not pr.expert_params else {
+        "expert_params_total": pr.expert_params, "expert_params_active": pr.active_expert_params,
+        "active_params": params - pr.expert_params + pr.active_expert_params}
     return {**parts, "total": resident + int(phases[peak_phase]), "peak_phase": peak_phase,
-            "host_offload": int(host), "trainable_params": int(trainable), "params": m.params(),
-            "per_layer_activations": per_layer}
+            "host_offload": int(host), "trainable_params": int(trainable), "params": params,
+            "per_layer_activations": per_layer, "sized_by": "meta trace" if pr is not None else "formula", **moe}
 
 
 def report(m: ModelShape, s: Setup, name: str = "") -> str:
     r = estimate(m, s)
     what = {"loss": "activations + logits", "backward": "activations + backward", "step": "step"}[r["peak_phase"]]
-    lines = [f"{name or m.arch}: {m.params() / 1e9:.3f}B params, {r['trainable_params'] / 1e6:.2f}M trainable; "
+    moe = (f" ({r['active_params'] / 1e9:.3f}B active per token: experts {r['expert_params_active'] / 1e9:.3f}B "
+           f"of {r['expert_params_total'] / 1e9:.3f}B, all resident)") if "active_params" in r else ""
+    lines = [f"{name or m.arch}: {r['params'] / 1e9:.3f}B params{moe}, {r['trainable_params'] / 1e6:.2f}M trainable; "
              f"{s.method}, seq {s.seq} x batch {s.batch}, {s.optimizer}, gradient checkpointing "
              f"{'on' if s.gradient_checkpointing else 'off'}, world {s.world_size}, ZeRO-{s.zero_stage}"]
     for k in (*RESIDENT, "activations", "logits", "backward", "step"):

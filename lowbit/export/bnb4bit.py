@@ -88,10 +88,15 @@ def _weight_out_in(mod: nn.Module) -> torch.Tensor:
 
 
 def bnb4_reference(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                   skip_modules=("lm_head",)) -> nn.Module:
-    """A copy of the dense `model` with exactly the layers the bnb4 file quantizes replaced by deq(quantize(W))."""
+                   skip_modules=("lm_head",), experts_dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of the dense `model` with exactly the layers the bnb4 file quantizes replaced by deq(quantize(W)),
+    and its dense experts rounded to `experts_dtype` as the file stores them: what the file computes."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
+        if experts_dtype is not None:
+            for mod in experts_modules(ref).values():
+                for p in mod.parameters(recurse=False):
+                    p.copy_(p.to(experts_dtype))
         for name in bnb4_quantized_names(ref, skip_modules):
             mod = ref.get_submodule(name)
             w = kernels.dequantize_4bit(quantize(_weight_out_in(mod), blocksize, double_quant, quant_type),

@@ -1,8 +1,10 @@
-"""Stream a safetensors HF checkpoint into a model whose Linear layers are `Linear4bit`.
+"""Stream a safetensors HF checkpoint of any causal LM into a model whose Linear layers are `Linear4bit`
+and whose MoE experts are `Experts4bit`.
 
 The model skeleton is built with empty (meta) parameters; each tensor is then read from
-disk, quantized if it belongs to a targeted Linear, and placed — so peak memory is about
-the 4-bit model plus one dense tensor, never the dense model.
+disk, renamed/fused as transformers' conversion mapping says (keys.py), quantized if it
+belongs to a targeted Linear or experts module, and placed — so peak memory is about the
+4-bit model plus one dense tensor, never the dense model. Which models load: arch.py.
 """
 from __future__ import annotations
 
@@ -13,14 +15,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.errors import ConfigError, InputError, UnsupportedModelError
+from lowbit import kernels
+from lowbit.errors import ConfigError, InputError
 from lowbit.format.blockwise import check_blocksize, check_quant_type
+from lowbit.models.arch import check_layers, read_config
+from lowbit.models.keys import CheckpointKeys
+from lowbit.models.prequant import PrequantizedBnb, quantization_settings
 from lowbit.modules.linear4bit import Linear4bit
+from lowbit.modules.moe4bit import Experts4bit, quantize_experts
+from lowbit.modules.structure import decoder_prefix, in_decoder, is_conv1d, is_plain_linear, quantizable_linears
 from lowbit.utils.device import auto_compute_dtype
-from lowbit.utils.modules import matches_module, set_module
+from lowbit.utils.modules import set_module
 from lowbit.utils.safetensors_stream import iter_tensors, tensor_names
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
 
@@ -37,16 +44,11 @@ def as_dtype(d) -> torch.dtype:
 
 
 def _read_config(path: Path, trust_remote_code: bool):
-    from transformers import AutoConfig
     if not path.exists():
         raise InputError(f"model path {path} does not exist; run scripts/prepare_model.py or fix model.path")
     if not (path / "config.json").exists():
         raise InputError(f"{path} has no config.json; model.path must be a Hugging Face model folder")
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(f"architecture {cfg.model_type!r} is not supported; supported: "
-                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    return cfg
+    return read_config(path, trust_remote_code)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -61,11 +63,6 @@ def _weight_files(path: Path) -> list[Path]:
         raise InputError(f"{path} holds only pickle weights (.bin/.pt); lowbit loads safetensors only — "
                          "convert with `model.save_pretrained(dir, safe_serialization=True)`")
     raise InputError(f"no model.safetensors (or index) in {path}")
-
-
-def _targets(model: nn.Module, skip_modules) -> set[str]:
-    return {n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not matches_module(n, skip_modules)}
 
 
 def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
@@ -109,7 +106,8 @@ def load_4bit_weights(path, *, load_in_4bit: bool = True, quant_type: str = "nf4
     Non-quantized tensors (embeddings, norms, lm_head) are stored in `compute_dtype`
     (or kept as saved when keep_embeddings_in_compute_dtype=False). `quantize_linear(model, name,
     weight, old_linear) -> nn.Module` replaces how each targeted Linear is built from its dense weight
-    (LoftQ uses it); the default is `Linear4bit.from_linear` with the settings above.
+    (LoftQ uses it); the default is `Linear4bit.from_linear` with the settings above. A pre-quantized
+    bitsandbytes 4-bit checkpoint keeps its bytes and its quant type / double quant (prequant.py).
     """
     from tqdm.auto import tqdm
 
@@ -117,35 +115,66 @@ def load_4bit_weights(path, *, load_in_4bit: bool = True, quant_type: str = "nf4
     check_quant_type(quant_type)
     path = Path(path)
     cfg = _read_config(path, trust_remote_code)
+    prequantized = quantization_settings(cfg)
+    if prequantized:
+        if not load_in_4bit:
+            raise InputError(f"{path} is a bitsandbytes 4-bit checkpoint; load_in_4bit=False needs the dense one")
+        quant_type, double_quant = prequantized["quant_type"], prequantized["double_quant"]
     compute_dtype, storage_dtype = as_dtype(compute_dtype), as_dtype(storage_dtype)
     model = _skeleton(cfg, compute_dtype, trust_remote_code)
-    targets = _targets(model, skip_modules) if load_in_4bit else set()
+    expected = dict(model.state_dict(keep_vars=True))  # the dense layout the checkpoint is converted to
+    targets = quantizable_linears(model, skip_modules) if load_in_4bit else set()
+    experts = check_layers(model, skip_modules) if load_in_4bit else {}
+    for name in experts:  # empty 4-bit experts, filled as their fused tensors arrive
+        set_module(model, name, Experts4bit(model.get_submodule(name), compute_dtype, blocksize, double_quant,
+                                            quant_type, storage_dtype))
     if quantize_linear is None:
         def quantize_linear(model, name, w, old):
             return _quantized_linear(old, w, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
     files = _weight_files(path)
-    bar = tqdm(total=sum(len(tensor_names(f)) for f in files), desc="quantizing to 4-bit" if load_in_4bit else
-               "loading", unit="tensor", disable=not progress)
-    expected = dict(model.state_dict(keep_vars=True))
+    names = [n for f in files for n in tensor_names(f)]
+    keys = CheckpointKeys(model, expected, names)
+    pre = PrequantizedBnb(names, lambda k: keys.rename(k)[0], experts) if prequantized else None
+    bar = tqdm(total=len(names), desc="quantizing to 4-bit" if load_in_4bit else "loading", unit="tensor",
+               disable=not progress)
     for f in files:
         for key, t in iter_tensors(f):
             bar.update(1)
-            if key not in expected:
-                continue  # e.g. rotary buffers saved by older versions
-            mod_name, _, leaf = key.rpartition(".")
-            if mod_name in targets and leaf == "weight":
-                set_module(model, mod_name, quantize_linear(model, mod_name, t, _checked_linear(model, mod_name, t)))
-                del t
-                _release_freed_memory()
-            else:
-                _set_tensor(model, key, t.to(compute_dtype) if keep_embeddings_in_compute_dtype else t)
+            if pre is not None and pre.claims(key):
+                for name, q in pre.feed(key, t):
+                    _place_prequantized(model, name, q, experts, storage_dtype, compute_dtype)
+                continue
+            for mkey, tensor in keys.feed(key, t):
+                _place(model, mkey, tensor, targets, experts, expected, quantize_linear, keep_embeddings_in_compute_dtype)
+            del t
     bar.close()
+    unfinished = keys.unfinished() + (pre.unfinished() if pre is not None else [])
+    if unfinished:
+        raise InputError(f"checkpoint {path} holds only part of the tensors of {unfinished[:3]}; "
+                         "is it a complete checkpoint for this config?")
+    model._weight_conversions = keys.used_conversions()  # save_pretrained reverts them, as after from_pretrained
+    if prequantized:
+        del model.config.quantization_config  # now lowbit's 4-bit base; a merge must not look bitsandbytes-quantized
     _finish(model, cfg, path)
     model.config.lowbit_quantization = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                                             storage_dtype=str(storage_dtype).removeprefix("torch."),
                                             compute_dtype=str(compute_dtype).removeprefix("torch."),
                                             skip_modules=list(skip_modules)) if load_in_4bit else None
     return model
+
+
+def _place(model, key, t, targets, experts, expected, quantize_linear, cast: bool) -> None:
+    mod_name, _, leaf = key.rpartition(".")
+    if mod_name in targets and leaf == "weight":
+        old = model.get_submodule(mod_name)
+        set_module(model, mod_name, quantize_linear(model, mod_name, *_checked_linear(old, mod_name, t)))
+        _release_freed_memory()
+    elif mod_name in experts and leaf in experts[mod_name]["projs"]:
+        model.get_submodule(mod_name).set_projection(leaf, t)
+        _release_freed_memory()
+    elif key in expected:  # a one-to-many conversion may also yield tensors this model does not hold
+        want = expected[key].dtype
+        _set_tensor(model, key, t.to(want) if cast and t.is_floating_point() and want.is_floating_point else t)
 
 
 def _skeleton(cfg, compute_dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -156,12 +185,41 @@ def _skeleton(cfg, compute_dtype: torch.dtype, trust_remote_code: bool) -> nn.Mo
         return AutoModelForCausalLM.from_config(cfg, dtype=compute_dtype, trust_remote_code=trust_remote_code)
 
 
-def _checked_linear(model: nn.Module, name: str, w: torch.Tensor) -> nn.Module:
+def _place_prequantized(model, name, q, experts, storage_dtype, compute_dtype) -> None:
+    if name in experts:  # Llama 4's per-expert 4-bit MLPs, decoded and re-fused
+        for p, w in q.items():
+            model.get_submodule(name).set_projection(p, w)
+        return
     old = model.get_submodule(name)
+    shape = tuple(old.weight.shape[::-1]) if is_conv1d(old) else tuple(old.weight.shape)
+    if tuple(q.shape) != shape:
+        raise InputError(f"checkpoint tensor {name}.weight holds a 4-bit {tuple(q.shape)} weight, the model expects "
+                         f"{shape}")
+    if not (is_plain_linear(old) or is_conv1d(old)):  # e.g. a router subclass: keep its own forward, dense
+        w = kernels.dequantize_4bit(q, compute_dtype)
+        old.weight = nn.Parameter(w.t().contiguous() if is_conv1d(old) else w, requires_grad=False)
+        return
+    new = Linear4bit(q if storage_dtype == torch.uint8 else q.with_storage(storage_dtype), None, compute_dtype)
+    if old.bias is not None:
+        new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
+    if is_conv1d(old):
+        new.lowbit_conv1d = True
+    set_module(model, name, new)
+
+
+def _checked_linear(old: nn.Module, name: str, w: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    """(weight as [out, in], the layer as an nn.Linear): GPT-2's Conv1D stores (in, out) and gets a stand-in."""
+    if is_conv1d(old):
+        want = tuple(old.weight.shape)
+        if tuple(w.shape) != want:
+            raise InputError(f"checkpoint tensor {name}.weight has shape {tuple(w.shape)}, the model expects {want}")
+        lin = nn.Linear(want[0], want[1], bias=old.bias is not None, device="meta")
+        lin.bias, lin.lowbit_conv1d = old.bias, True
+        return w.t(), lin
     if tuple(w.shape) != (old.out_features, old.in_features):
         raise InputError(f"checkpoint tensor {name}.weight has shape {tuple(w.shape)}, "
                          f"the model expects {(old.out_features, old.in_features)}")
-    return old
+    return w, old
 
 
 def _quantized_linear(old: nn.Module, w: torch.Tensor, blocksize, double_quant, quant_type, storage_dtype,
@@ -169,6 +227,8 @@ def _quantized_linear(old: nn.Module, w: torch.Tensor, blocksize, double_quant, 
     dense = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
     dense.weight = nn.Parameter(w, requires_grad=False)
     new = Linear4bit.from_linear(dense, blocksize, double_quant, quant_type, storage_dtype, compute_dtype)
+    if getattr(old, "lowbit_conv1d", False):
+        new.lowbit_conv1d = True  # merge writes it back as a Conv1D
     if old.bias is not None:  # may already be loaded ("bias" can come before "weight"), else loaded later
         new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
     return new
@@ -178,6 +238,10 @@ def _finish(model: nn.Module, cfg, path: Path) -> None:
     """Tie the head to the embeddings where the config says so; refuse a checkpoint that left tensors unset."""
     if getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
+    prefix = decoder_prefix(model)
+    for name, p in model.named_parameters():  # image/audio towers: frozen, in 16-bit
+        if not in_decoder(name, prefix) and not name.startswith("lm_head"):
+            p.requires_grad_(False)
     missing = [k for k, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise InputError(f"checkpoint {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
@@ -187,12 +251,15 @@ def _finish(model: nn.Module, cfg, path: Path) -> None:
 
 def quantize_model(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                    storage_dtype="uint8", compute_dtype="bfloat16", skip_modules=("lm_head",)) -> nn.Module:
-    """Replace the Linear layers of an in-memory model with `Linear4bit` (in place)."""
+    """Replace the Linear layers (and MoE experts) of an in-memory model with 4-bit ones (in place)."""
     compute_dtype, storage_dtype = as_dtype(compute_dtype), as_dtype(storage_dtype)
-    for name in sorted(_targets(model, skip_modules)):
-        lin = model.get_submodule(name)
-        if isinstance(lin, Linear4bit):
-            continue
-        set_module(model, name, Linear4bit.from_linear(lin, blocksize, double_quant, quant_type, storage_dtype,
-                                                        compute_dtype))
+    for name in sorted(check_layers(model, skip_modules)):
+        set_module(model, name, quantize_experts(model.get_submodule(name), compute_dtype, blocksize=blocksize,
+                                                 double_quant=double_quant, quant_type=quant_type,
+                                                 storage_dtype=storage_dtype))
+    for name in sorted(quantizable_linears(model, skip_modules)):
+        old = model.get_submodule(name)
+        w, lin = _checked_linear(old, name, old.weight.detach())
+        set_module(model, name, _quantized_linear(lin, w, blocksize, double_quant, quant_type, storage_dtype,
+                                                  compute_dtype))
     return model

@@ -60,6 +60,9 @@ class LoraConfig:
     alpha: float = option(32, help="scaling numerator: the delta is alpha/r · B·A", gt=0)
     dropout: float = option(0.05, help="dropout on the adapter input", ge=0, lt=1)
     target_modules: str | list[str] = option("all-linear", help="all-linear, a regex, or a list of layer names")
+    target_parameters: str | list[str] | None = option(
+        None, help="MoE experts: 'all-experts' (or parameter names) puts LoRA on the fused expert tensors (peft "
+        "target_parameters; needs lora.dropout 0)")
     use_rslora: bool = option(False, help="scale by alpha/sqrt(r) (rsLoRA)")
     use_dora: bool = option(False, help="DoRA (refused on a 4-bit base: peft dequantizes through bnb types)")
     init: Literal["zero", "loftq"] = option("zero", help="zero: B = 0 (plain QLoRA); loftq: LoftQ initialization")

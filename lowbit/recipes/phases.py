@@ -94,7 +94,7 @@ def model_phase(r: Run) -> None:
     prepare_for_kbit_training(r.model, cfg.train.gradient_checkpointing)
     lc = cfg.lora
     r.model = add_lora(r.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
-                       use_rslora=lc.use_rslora, use_dora=lc.use_dora)
+                       use_rslora=lc.use_rslora, use_dora=lc.use_dora, target_parameters=lc.target_parameters)
     if r.loftq is not None and r.loftq.result is not None:
         apply_loftq(r.model, r.loftq.result)
     r.model, r.qat_config = qat_run.prepare(r.model, cfg)
