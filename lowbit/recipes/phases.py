@@ -78,6 +78,8 @@ def start(cfg: RunConfig) -> Run:
     set_seed(cfg.train.seed)
     # only checkpoints marked complete count: a kill mid-save leaves a folder that is not one
     resume = resolve_resume(out, cfg.train.resume_from, is_main=int(os.environ.get("RANK", "0")) == 0)
+    if resume is None and int(os.environ.get("RANK", "0")) == 0:
+        (out / "logs.jsonl").unlink(missing_ok=True)  # a fresh run's log holds only its own steps
     return Run(cfg=cfg, out=out, engine=engine, resume=resume)
 
 
