@@ -5,7 +5,7 @@ chat template, BFD-pack to max_length) and reports wall time and peak RSS; a thi
 rows (data.streaming=true) to show RSS does not grow with the row count. The datasets cache is a fresh
 folder per process, so nothing is reused between sides or runs.
 
-  .venv/bin/python scripts/benchmark_data_prep.py --rows 1000000 --tokenizer .cache/models/gemma-3-270m
+  .venv/bin/python scripts/benchmark_data_prep.py --rows 1000000 --tokenizer .cache/models/smollm2-135m-instruct
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _child(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--tokenizer", default=".cache/models/gemma-3-270m")
+    ap.add_argument("--tokenizer", default=".cache/models/smollm2-135m-instruct")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--num-proc", type=int, default=None)
     ap.add_argument("--out", default="outputs/bench_data_prep.json")

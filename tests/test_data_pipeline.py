@@ -117,3 +117,11 @@ def test_eval_split_from_train(tok, tmp_path):
     train, ev = build_datasets(tok, DataConfig(format="chat", train_files=[str(f)], packing=False,
                                                eval_fraction=0.25), seed=0)
     assert len(train) == 15 and len(ev) == 5 and isinstance(ev, list)
+
+
+def test_streaming_with_bfd_packing(tok, tmp_path):
+    f = _jsonl(tmp_path / "c.jsonl", [CHAT] * 12)
+    cfg = DataConfig(format="chat", train_files=[str(f)], streaming=True, max_seq_len=128)
+    rows = list(train_dataset(tok, cfg))
+    assert sum(len(r["seq_lengths"]) for r in rows) == 12 and len(rows) < 12
+    assert sorted(rows[0]) == ["input_ids", "labels", "seq_lengths"]

@@ -64,6 +64,9 @@ def source_rows(files: list[str], fmt: str, cfg: DataConfig, tok, spec: DatasetS
     """Validated rows of one source as a `datasets` dataset with one column per field of its format."""
     if not files:
         raise ConfigError("data.train_files is empty: give at least one .txt/.json/.jsonl/.parquet file or folder")
+    if fmt == "chat" and not getattr(tok, "chat_template", None):
+        raise ConfigError("data.format=chat needs a tokenizer with a chat template, and this one has none; set "
+                          "model.tokenizer to a folder whose tokenizer has one (or use data.format=prompt_completion)")
     kw = dict(files=[str(f) for f in files], fmt=fmt, fields=_fields(cfg, spec), on_bad_rows=cfg.on_bad_rows,
               tok=tok if fmt == "chat" else None, stamp=_stamp(files))
     if streaming:
@@ -94,7 +97,7 @@ def _strategy(cfg: DataConfig, fmt: str) -> str | None:
 
 def tokenize(rows, fmt: str, tok, cfg: DataConfig):
     """input_ids/labels per example, packed as data.packing says."""
-    cols = rows.column_names
+    cols = list(_features(fmt)["row"])  # (an IterableDataset after map() may not know its column names)
     strategy = _strategy(cfg, fmt)
     mp = {} if isinstance(rows, datasets.IterableDataset) else {"num_proc": cfg.num_proc}
     if fmt == "text" and strategy == "wrapped":  # one stream over the whole source, as one batch
