@@ -125,3 +125,31 @@ def test_streaming_with_bfd_packing(tok, tmp_path):
     rows = list(train_dataset(tok, cfg))
     assert sum(len(r["seq_lengths"]) for r in rows) == 12 and len(rows) < 12
     assert sorted(rows[0]) == ["input_ids", "labels", "seq_lengths"]
+
+
+def test_chat_labels_equal_tokenizing_each_prefix(tok):
+    """The fast path (one tokenization with offsets, the template rendered through jinja) labels exactly the
+    tokens that re-tokenizing the conversation up to each assistant turn would."""
+    import random
+
+    from lowbit.recipes.tokenize import chat_batch
+    from lowbit.testing import sample_text
+    words, rng = sample_text().split(), random.Random(0)
+    convs = []
+    for _ in range(60):
+        msgs = [{"role": "system", "content": " ".join(rng.sample(words, 4))}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs += [{"role": "user", "content": " ".join(rng.sample(words, rng.randint(1, 20)))},
+                     {"role": "assistant", "content": " ".join(rng.sample(words, rng.randint(1, 20)))}]
+        convs.append(msgs)
+    got = chat_batch({"messages": convs}, tok, 512, drop_unlabelled=False)
+    for i, msgs in enumerate(convs):
+        ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        labels = [IGNORE_INDEX] * len(ids)
+        for j, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                start = len(tok.apply_chat_template(msgs[:j], tokenize=True, add_generation_prompt=True,
+                                                    return_dict=False))
+                end = len(tok.apply_chat_template(msgs[:j + 1], tokenize=True, return_dict=False))
+                labels[start:end] = ids[start:end]
+        assert got["input_ids"][i] == list(ids) and got["labels"][i] == labels

@@ -43,20 +43,22 @@ def _stamp(files) -> list:
 
 def _gen(files, fmt, fields, on_bad_rows, tok, stamp):
     """Rows for `Dataset.from_generator`; skipped rows are yielded as markers (`_bad`) so the count survives caching."""
+    empty = dict.fromkeys(_features(fmt))
     for f in files:
         bad = BadRows()
         for row in iter_rows(f, fmt, fields, on_bad_rows, tok, bad):
-            yield {"row": row, "_bad": None}
+            yield {**row, "_bad": None}
         for i in range(bad.count):  # BadRows keeps the first messages; the rest are counted
-            yield {"row": None, "_bad": bad.examples[i] if i < len(bad.examples) else f"{f}: another bad row"}
+            yield {**empty, "_bad": bad.examples[i] if i < len(bad.examples) else f"{f}: another bad row"}
 
 
 def _features(fmt: str) -> datasets.Features:
+    """The columns of a format's validated rows (chat keeps the template's rendering, made while checking)."""
     text = datasets.Value("string")
-    row = {"text": {"text": text}, "prompt_completion": {"prompt": text, "completion": text},
-           "chat": {"messages": datasets.List({"role": text, "content": text})},
-           "preference": {"prompt": text, "chosen": text, "rejected": text}, "prompt": {"prompt": text}}[fmt]
-    return datasets.Features({"row": row, "_bad": text})
+    cols = {"text": {"text": text}, "prompt_completion": {"prompt": text, "completion": text},
+            "chat": {"messages": datasets.List({"role": text, "content": text}), "rendered": text},
+            "preference": {"prompt": text, "chosen": text, "rejected": text}, "prompt": {"prompt": text}}[fmt]
+    return datasets.Features({**cols, "_bad": text})
 
 
 def source_rows(files: list[str], fmt: str, cfg: DataConfig, tok, spec: DatasetSpec | None = None,
@@ -71,8 +73,7 @@ def source_rows(files: list[str], fmt: str, cfg: DataConfig, tok, spec: DatasetS
               tok=tok if fmt == "chat" else None, stamp=_stamp(files))
     if streaming:
         ds = datasets.IterableDataset.from_generator(_gen, gen_kwargs=kw, features=_features(fmt))
-        return ds.filter(lambda b: b is None, input_columns="_bad").map(lambda r: r["row"], remove_columns=["row",
-                                                                                                            "_bad"])
+        return ds.filter(lambda b: b is None, input_columns="_bad").remove_columns("_bad")
     try:
         ds = datasets.Dataset.from_generator(_gen, gen_kwargs=kw, features=_features(fmt))
     except datasets.exceptions.DatasetGenerationError as e:
@@ -83,8 +84,8 @@ def source_rows(files: list[str], fmt: str, cfg: DataConfig, tok, spec: DatasetS
     if len(bad):
         shown = "; ".join(bad["_bad"][:3])
         print(f"skipped {len(bad)} bad data rows (data.on_bad_rows=skip), e.g. {shown}", flush=True)
-    good = ds.filter(lambda b: b is None, input_columns="_bad")
-    return good.map(lambda r: r["row"], remove_columns=["row", "_bad"], num_proc=cfg.num_proc)
+        ds = ds.filter(lambda b: b is None, input_columns="_bad")
+    return ds.remove_columns("_bad")
 
 
 def _strategy(cfg: DataConfig, fmt: str) -> str | None:
@@ -97,7 +98,7 @@ def _strategy(cfg: DataConfig, fmt: str) -> str | None:
 
 def tokenize(rows, fmt: str, tok, cfg: DataConfig):
     """input_ids/labels per example, packed as data.packing says."""
-    cols = list(_features(fmt)["row"])  # (an IterableDataset after map() may not know its column names)
+    cols = [c for c in _features(fmt) if c != "_bad"]  # (an IterableDataset after map() may not know its columns)
     strategy = _strategy(cfg, fmt)
     mp = {} if isinstance(rows, datasets.IterableDataset) else {"num_proc": cfg.num_proc}
     if fmt == "text" and strategy == "wrapped":  # one stream over the whole source, as one batch
@@ -111,7 +112,8 @@ def tokenize(rows, fmt: str, tok, cfg: DataConfig):
         fn = BATCH_TOKENIZERS[fmt] if batched else ROW_TOKENIZERS[fmt]
         ds = rows.map(fn, batched=batched, remove_columns=cols, fn_kwargs={"tok": tok, "max_len": cfg.max_seq_len},
                       **mp)
-        ds = ds.filter(has_labels, **mp)
+        if not batched:  # the batched tokenizers drop unlabelled rows themselves
+            ds = ds.filter(has_labels, **mp)
     if strategy is None:
         return ds
     from trl import pack_dataset

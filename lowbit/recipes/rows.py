@@ -134,12 +134,17 @@ def _messages(row: dict, key: str, tok=None) -> list[dict]:
             raise BadRow(f"message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise BadRow(f"message {i} content must be a string")
-    if tok is not None:
-        try:
-            tok.apply_chat_template(msgs, tokenize=False)
-        except Exception as e:  # jinja's raise_exception: the template's own rule (e.g. roles must alternate)
-            raise BadRow(f"the chat template rejects this conversation: {str(e).splitlines()[0][:160]}") from None
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _render(msgs: list[dict], tok) -> str | None:
+    """The conversation through the chat template (kept, so tokenization does not render it again)."""
+    if tok is None:
+        return None
+    try:
+        return tok.apply_chat_template(msgs, tokenize=False)
+    except Exception as e:  # jinja's raise_exception: the template's own rule (e.g. roles must alternate)
+        raise BadRow(f"the chat template rejects this conversation: {str(e).splitlines()[0][:160]}") from None
 
 
 def check_row(row, fmt: str, fields: Fields, tok=None) -> dict:
@@ -156,7 +161,7 @@ def check_row(row, fmt: str, fields: Fields, tok=None) -> dict:
         msgs = _messages(row, fields.messages, tok)
         if not any(m["role"] == "assistant" for m in msgs):
             raise BadRow("no assistant turn: nothing to train on")
-        return {"messages": msgs}
+        return {"messages": msgs, "rendered": _render(msgs, tok)}
     if fmt == "preference":
         return {"prompt": _text(row, fields.prompt, allow_empty=True), "chosen": _text(row, fields.chosen),
                 "rejected": _text(row, fields.rejected)}

@@ -46,18 +46,49 @@ def prompt_completion(row: dict, tok, max_len: int) -> dict:
     return {"input_ids": (p + c)[:max_len], "labels": ([IGNORE_INDEX] * len(p) + c)[:max_len]}
 
 
-def chat_batch(batch: dict, tok, max_len: int) -> dict:
+class _Renderer:
+    """The chat template rendered through its compiled jinja template: apply_chat_template's own rendering
+    without its per-call overhead (about half of the time of a large chat set). Checked against
+    apply_chat_template on the first conversation; on any difference it is not used."""
+
+    def __init__(self, tok):
+        self.tok, self.template = tok, None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+            self.template = _compile_jinja_template(tok.chat_template)
+        except (ImportError, AttributeError, TypeError):
+            pass
+        self.context = dict(tok.special_tokens_map)
+        self.checked = False
+
+    def __call__(self, msgs, add_generation_prompt: bool = False) -> str:
+        slow = lambda: self.tok.apply_chat_template(msgs, tokenize=False,  # noqa: E731
+                                                    add_generation_prompt=add_generation_prompt)
+        if self.template is None:
+            return slow()
+        text = self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt, **self.context)
+        if not self.checked:
+            self.checked = True
+            if text != slow():
+                self.template = None
+                return slow()
+        return text
+
+
+def chat_batch(batch: dict, tok, max_len: int, drop_unlabelled: bool = True) -> dict:
     """`chat` for a batch, faster: the template is rendered to text (the prefix up to each assistant turn
     only to find where it starts), then all conversations are tokenized in one call and a token is
     labelled when its characters lie inside an assistant turn."""
     texts, spans = [], []
-    for msgs in batch["messages"]:
-        full = tok.apply_chat_template(msgs, tokenize=False)
+    render = _Renderer(tok)
+    rendered = batch.get("rendered") or [None] * len(batch["messages"])
+    for msgs, full in zip(batch["messages"], rendered, strict=True):
+        full = full if full is not None else render(msgs)
         turns = []
         for i, m in enumerate(msgs):
             if m["role"] == "assistant":
-                start = len(tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True))
-                end = len(full) if i == len(msgs) - 1 else len(tok.apply_chat_template(msgs[:i + 1], tokenize=False))
+                start = len(render(msgs[:i], add_generation_prompt=True))
+                end = len(full) if i == len(msgs) - 1 else len(render(msgs[:i + 1]))
                 turns.append((start, end))
         texts.append(full)
         spans.append(turns)
@@ -66,14 +97,17 @@ def chat_batch(batch: dict, tok, max_len: int) -> dict:
     for ids, offsets, turns in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
         labels = [t if any(s <= a and b <= e for s, e in turns) and b > a else IGNORE_INDEX
                   for t, (a, b) in zip(ids, offsets, strict=True)]
+        labels = labels[:max_len]
+        if drop_unlabelled and all(x == IGNORE_INDEX for x in labels):
+            continue  # truncation cut every assistant token: nothing to learn from this row
         out_ids.append(ids[:max_len])
-        out_labels.append(labels[:max_len])
+        out_labels.append(labels)
     return {"input_ids": out_ids, "labels": out_labels}
 
 
 def chat(row: dict, tok, max_len: int) -> dict:
     """One conversation (see `chat_batch`)."""
-    out = chat_batch({"messages": [row["messages"]]}, tok, max_len)
+    out = chat_batch({"messages": [row["messages"]]}, tok, max_len, drop_unlabelled=False)
     return {"input_ids": out["input_ids"][0], "labels": out["labels"][0]}
 
 
