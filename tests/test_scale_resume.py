@@ -25,7 +25,7 @@ COMMON = ["train.max_steps=8", "train.save_steps=2", "train.save_total_limit=2",
 KILLER = """
 import os, signal, sys
 from transformers import TrainerCallback
-import lowbit.recipes.trainer as T
+import lowbit.recipes.phases as P
 when, step = sys.argv[1], int(sys.argv[2])
 
 class Kill(TrainerCallback):
@@ -36,21 +36,22 @@ class Kill(TrainerCallback):
         if when == "save" and state.global_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-class Killable(T.LowbitTrainer):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.callback_handler.callbacks.insert(0, Kill())
+build = P.method_trainer
+def killable(*a, **kw):  # whichever TRL trainer the method builds
+    trainer = build(*a, **kw)
+    trainer.callback_handler.callbacks.insert(0, Kill())
+    return trainer
 
-T.LowbitTrainer = Killable
+P.method_trainer = killable
 from lowbit.recipes.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
 
-def _train(args, killer=None):
+def _train(args, killer=None, config=TINY):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", KILLER, *killer] if killer else [sys.executable, "train.py"]
-    return subprocess.run(cmd + ["--config", TINY, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run(cmd + ["--config", config, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
 
 
@@ -108,3 +109,27 @@ def test_explicit_incomplete_checkpoint_is_refused(reference, tiny_model_dirs, t
     p = _train(args + [f"train.resume_from={out / 'checkpoint-4'}"])
     assert p.returncode == 2
     assert "not a complete lowbit checkpoint" in p.stderr and "checkpoint-2" in p.stderr
+
+
+@pytest.mark.slow
+def test_dpo_sigkill_then_resume_is_bit_identical(tiny_model_dirs, tmp_path):
+    """The same guarantee under TRL's DPOTrainer (reference = the base with adapters off)."""
+    import random
+
+    from lowbit.testing import sample_text
+    words, rng = sample_text().split(), random.Random(0)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": " ".join(words[i:i + 6]), "chosen": " ".join(words[i + 6:i + 10]),
+                                        "rejected": " ".join(rng.sample(words, 4))}) + "\n" for i in range(0, 240, 10)))
+    common = [f"model.path={tiny_model_dirs('llama')}", f"data.train_files=[{data}]", "train.max_steps=6",
+              "train.save_steps=2", "train.batch_size=2", "lora.dropout=0.1", "train.warmup_steps=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    dpo = "configs/tiny/llama-dpo.yaml"
+    assert _train([f"train.output_dir={straight}", *common], config=dpo).returncode == 0
+    p = _train([f"train.output_dir={killed}", *common], killer=["step", "3"], config=dpo)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    p = _train([f"train.output_dir={killed}", *common, "train.resume_from=auto"], config=dpo)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref, got = _adapters(straight), _adapters(killed)
+    assert ref.keys() == got.keys() and len(ref) > 0
+    assert all(ref[k].numpy().tobytes() == got[k].numpy().tobytes() for k in ref)

@@ -59,14 +59,17 @@ def test_dpo_on_the_4bit_base_raises_the_reward_margin(tiny_model_dirs, tmp_path
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in b.items())
 
 
-def test_orpo_trains(tiny_model_dirs, tmp_path):
+def test_orpo_trains_with_qat_and_an_8bit_optimizer(tiny_model_dirs, tmp_path):
+    """lowbit's additions hold under a TRL trainer too: merge-aware QAT, bitsandbytes' 8-bit AdamW."""
     data = _rows(tmp_path / "pref.jsonl", 16, _preference)
     out = tmp_path / "orpo"
     m = run(load_config("configs/tiny/llama-dpo.yaml", [f"model.path={tiny_model_dirs('llama')}", "train.method=orpo",
                                                         f"train.output_dir={out}", f"data.train_files=[{data}]",
-                                                        "train.max_steps=4"]))
+                                                        "train.max_steps=4", "qat.scheme=w4a8kv8",
+                                                        "train.optimizer=adamw_8bit"]))
     assert m["train_steps"] == 4 and torch.isfinite(torch.tensor(m["train_loss"]))
     assert any("log_odds_ratio" in k for r in _log(out) for k in r)
+    assert (out / "quantized").is_dir()  # the QAT deployment model, converted after training
 
 
 def test_grpo_with_a_verifiable_reward(tiny_model_dirs, tmp_path):
