@@ -62,3 +62,23 @@ def machine_info() -> dict:
     import torch
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
+
+
+def run_side(script: str, side: str, args: list[str]) -> dict:
+    """Run `script --side SIDE args...` in a fresh process (its own peak RSS, no warm caches) → its last stdout line
+    as JSON; a failed side stops the benchmark with its stderr."""
+    import json
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, script, "--side", side, *args], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{side} failed:\n{p.stderr[-3000:]}")
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    print(side, {k: v for k, v in result.items() if k != "losses"}, flush=True)
+    return result
+
+
+def save_json(result: dict, out: str | Path) -> None:
+    import json
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import run_side, save_json  # noqa: E402
 
 
 def _child(config: str, packing: bool, steps: int, overrides: list[str]) -> dict:
@@ -51,15 +53,9 @@ def main() -> None:
         return
     result = {"config": a.config, "steps": a.steps, "overrides": a.overrides}
     for side in ("packed", "unpacked"):
-        p = subprocess.run([sys.executable, __file__, "--config", a.config, "--steps", str(a.steps), "--side", side,
-                            *a.overrides], capture_output=True, text=True)
-        if p.returncode:
-            raise SystemExit(f"{side} failed:\n{p.stderr[-3000:]}")
-        result[side] = json.loads(p.stdout.strip().splitlines()[-1])
-        print(side, result[side], flush=True)
+        result[side] = run_side(__file__, side, ["--config", a.config, "--steps", str(a.steps), *a.overrides])
     result["real_tokens_per_s_ratio"] = result["packed"]["real_tokens_per_s"] / result["unpacked"]["real_tokens_per_s"]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    save_json(result, a.out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("packed", "unpacked")}, indent=2))
 
 

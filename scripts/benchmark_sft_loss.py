@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import run_side, save_json  # noqa: E402
 
 
 def _child(config: str, side: str, steps: int, overrides: list[str]) -> dict:
@@ -50,18 +52,12 @@ def main() -> None:
         return
     result = {"config": a.config, "steps": a.steps, "overrides": a.overrides}
     for side in ("lowbit", "trl"):
-        p = subprocess.run([sys.executable, __file__, "--config", a.config, "--steps", str(a.steps), "--side", side,
-                            *a.overrides], capture_output=True, text=True)
-        if p.returncode:
-            raise SystemExit(f"{side} failed:\n{p.stderr[-3000:]}")
-        result[side] = json.loads(p.stdout.strip().splitlines()[-1])
-        print(side, {k: v for k, v in result[side].items() if k != "losses"}, flush=True)
+        result[side] = run_side(__file__, side, ["--config", a.config, "--steps", str(a.steps), *a.overrides])
     lo, tr = result["lowbit"], result["trl"]
     result["speedup_trl_time_over_lowbit"] = tr["train_runtime_s"] / lo["train_runtime_s"]
     result["rss_ratio_trl_over_lowbit"] = tr["peak_rss_mb"] / lo["peak_rss_mb"]
     result["max_abs_loss_diff"] = max(abs(x - y) for x, y in zip(lo["losses"], tr["losses"], strict=True))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    save_json(result, a.out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("lowbit", "trl")}, indent=2))
 
 
