@@ -39,6 +39,28 @@ def qwen3_head128(tmp_path):
     return tmp_path
 
 
+def gemma2_head256(tmp_path):
+    """A tiny Gemma2 with head_dim = query_pre_attn_scalar = 256 as in Gemma-2-2B (GGUF stores no attention
+    scalar; transformers' GGUF loader assumes 256), softcaps on."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from lowbit.testing.tiny import make_tokenizer
+    tok = make_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256,
+                       sliding_window=64, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, so a missing/double "+1" would show
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.2)
+    m.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
 def gemma3_head256(tmp_path):
     """A tiny Gemma3 whose head_dim = query_pre_attn_scalar = 256, as in Gemma-3-270M: GGUF stores no
     attention scalar, so llama.cpp and transformers' GGUF loader both assume these match."""
@@ -95,14 +117,14 @@ def test_bnb4_export_bytes_match_lowbit_format(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q4_0"])
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "qwen2", "qwen3"])
 def test_gguf_loads_back_with_matching_logits(arch, gguf_type, tiny_model_dirs, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.export.formats import verify_gguf
-    src = gemma3_head256(tmp_path / "g3") if arch == "gemma3" else qwen3_head128(tmp_path / "q3") \
-        if arch == "qwen3" else tiny_model_dirs(arch)
+    src = {"gemma2": gemma2_head256, "gemma3": gemma3_head256, "qwen3": qwen3_head128}.get(arch)
+    src = src(tmp_path / arch) if src else tiny_model_dirs(arch)
     dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(src)
     out = tmp_path / f"model-{gguf_type}.gguf"
@@ -115,7 +137,7 @@ def test_gguf_loads_back_with_matching_logits(arch, gguf_type, tiny_model_dirs, 
     assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_down.weight"] == gguf_type and types["output_norm.weight"] == "F32"
-    assert ("output.weight" in types) == (arch != "gemma3")  # Gemma3 ties the head to the embedding
+    assert ("output.weight" in types) == (not arch.startswith("gemma"))  # Gemma ties the head to the embedding
 
     # transformers' GGUF loader == the decoded weights (tight), and ≈ the dense model (format tolerance)
     v = verify_gguf(out, dense, tok, gguf_type)

@@ -12,7 +12,7 @@ import torch
 
 from lowbit.errors import ConfigError, InputError, LowbitError
 from lowbit.export.bnb4bit import bnb4_reference, save_bnb4
-from lowbit.export.gguf_writer import _ARCHS, _gguf_tensors, export_gguf
+from lowbit.export.gguf_writer import _ARCHS, GEMMAS, _gguf_tensors, export_gguf
 from lowbit.export.imatrix import compute_imatrix, read_imatrix
 from lowbit.export.merge import _logits, _probe_ids, load_adapter_model, merge, merge_into_dense, resolve_adapter
 from lowbit.methods.loftq import LOFTQ_BASE_FILE
@@ -155,7 +155,7 @@ def gguf_reference(model, gguf_path):
         if arch_key == "LLAMA" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             n_kv = cfg.num_attention_heads if hf_name.endswith("q_proj.weight") else cfg.num_key_value_heads
             w = _unpermute(w, n_kv)
-        if arch_key == "GEMMA3" and hf_name.endswith("norm.weight"):
+        if arch_key in GEMMAS and hf_name.endswith("norm.weight"):
             w = w - 1
         with torch.no_grad():
             sd[hf_name].copy_(w)

@@ -24,7 +24,9 @@ from lowbit.utils.io import atomic_path
 # file types (llama-quantize's names); each tensor's own type comes from llama.cpp's rules (gguf_types)
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F32")
 # model_type -> gguf MODEL_ARCH (the conventions of each follow llama.cpp's convert_hf_to_gguf.py classes)
-_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "gemma3_text": "GEMMA3", "qwen2": "QWEN2", "qwen3": "QWEN3"}
+_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "qwen2": "QWEN2",
+          "qwen3": "QWEN3"}
+GEMMAS = ("GEMMA2", "GEMMA3")
 # token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
@@ -91,7 +93,7 @@ def _gguf_tensors(model: nn.Module, arch_key: str):
                 t = permute_qk(t, cfg.num_attention_heads, cfg.num_attention_heads)
             elif hf_name.endswith("k_proj.weight"):
                 t = permute_qk(t, cfg.num_attention_heads, cfg.num_key_value_heads)
-        elif arch_key == "GEMMA3" and hf_name.endswith("norm.weight"):
+        elif arch_key in GEMMAS and hf_name.endswith("norm.weight"):
             t = t + 1  # Gemma's RMSNorm computes x·(1+w); llama.cpp stores (1+w)
         yield f"{new}.{suffix}", t
 
@@ -118,9 +120,11 @@ def _add_arch_metadata(w, model, arch_key: str, name: str, gguf_type: str) -> No
             w.add_key_length(head_dim)  # Qwen3's head_dim is its own setting, not hidden / heads
             w.add_value_length(head_dim)
         w.add_vocab_size(cfg.vocab_size)
-    else:  # GEMMA3: as llama.cpp's Gemma3Model.set_gguf_parameters
+    else:  # GEMMA2/3: as llama.cpp's Gemma2Model / Gemma3Model.set_gguf_parameters
         full = rope.get("full_attention", rope)
-        w.add_rope_freq_base(float(full.get("rope_theta", 1_000_000.0)))
+        w.add_rope_freq_base(float(full.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+        if arch_key == "GEMMA2" and getattr(cfg, "attn_logit_softcapping", None):
+            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_sliding_window(cfg.sliding_window)
@@ -160,7 +164,7 @@ def _add_tokenizer(w, tok, arch_key: str, vocab_size: int) -> None:
             types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         elif t.startswith("[PAD") and t.endswith("]") and t not in vocab:
             types.append(USER_DEFINED)
-        elif arch_key == "GEMMA3" and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+        elif arch_key in GEMMAS and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
             types.append(BYTE)
         else:
             types.append(NORMAL)
