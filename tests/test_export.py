@@ -22,65 +22,49 @@ def run_dir(tiny_model_dirs, tmp_path_factory):
     return out
 
 
-def qwen3_head128(tmp_path):
-    """A tiny Qwen3 with head_dim 128, as every released Qwen3: transformers' GGUF loader reads no head_dim
-    from the file and assumes Qwen3's default (llama.cpp reads attention.key_length, which we write)."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+def _save_tiny(tmp_path, config_cls, norm_std: float | None = None, **kw):
+    """A tiny random model of `config_cls` (shapes as the GGUF readers expect) + tokenizer, saved to tmp_path.
+    `norm_std` draws non-trivial norm weights, so a missing or double "+1" of Gemma's norms would show."""
+    from transformers import AutoModelForCausalLM
 
     from lowbit.testing.tiny import make_tokenizer
     tok = make_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path, safe_serialization=True)
-    tok.save_pretrained(tmp_path)
-    return tmp_path
-
-
-def gemma2_head256(tmp_path):
-    """A tiny Gemma2 with head_dim = query_pre_attn_scalar = 256 as in Gemma-2-2B (GGUF stores no attention
-    scalar; transformers' GGUF loader assumes 256), softcaps on."""
-    from transformers import AutoModelForCausalLM, Gemma2Config
-
-    from lowbit.testing.tiny import make_tokenizer
-    tok = make_tokenizer()
-    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256,
-                       sliding_window=64, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    cfg = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # non-trivial norms, so a missing/double "+1" would show
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.normal_(0, 0.2)
+    if norm_std is not None:
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "norm" in n:
+                    p.normal_(0, norm_std)
     m.save_pretrained(tmp_path, safe_serialization=True)
     tok.save_pretrained(tmp_path)
     return tmp_path
 
 
+def qwen3_head128(tmp_path):
+    """A tiny Qwen3 with head_dim 128, as every released Qwen3: transformers' GGUF loader reads no head_dim
+    from the file and assumes Qwen3's default (llama.cpp reads attention.key_length, which we write)."""
+    from transformers import Qwen3Config
+    return _save_tiny(tmp_path, Qwen3Config, head_dim=128, tie_word_embeddings=False)
+
+
+def gemma2_head256(tmp_path):
+    """A tiny Gemma2 with head_dim = query_pre_attn_scalar = 256 as in Gemma-2-2B (GGUF stores no attention
+    scalar; transformers' GGUF loader assumes 256), softcaps on."""
+    from transformers import Gemma2Config
+    return _save_tiny(tmp_path, Gemma2Config, norm_std=0.2, head_dim=256, query_pre_attn_scalar=256,
+                      sliding_window=64, tie_word_embeddings=True)
+
+
 def gemma3_head256(tmp_path):
     """A tiny Gemma3 whose head_dim = query_pre_attn_scalar = 256, as in Gemma-3-270M: GGUF stores no
     attention scalar, so llama.cpp and transformers' GGUF loader both assume these match."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    from lowbit.testing.tiny import make_tokenizer
-    tok = make_tokenizer()
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256,
-                           sliding_window=64, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # non-trivial norms, so a missing/double "+1" would show
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.normal_(0, 0.3)
-    m.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    return tmp_path
+    from transformers import Gemma3TextConfig
+    return _save_tiny(tmp_path, Gemma3TextConfig, norm_std=0.3, head_dim=256, query_pre_attn_scalar=256,
+                      sliding_window=64, tie_word_embeddings=True)
 
 
 def test_peft_export_loads_in_peft_on_a_bitsandbytes_base(run_dir, tiny_model_dirs, tmp_path):
