@@ -22,3 +22,24 @@ def tiny_model_dirs(tmp_path_factory):
             cache[arch] = save_tiny_model(root / arch, arch)
         return cache[arch]
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread does the work faster than two waiting on each other (and keeps CPU use modest)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """llama.cpp's reference quantizer (ggml-quants.c compiled from the llama-cpp-python sdist), or a skip
+    that says why it cannot be built here."""
+    from lowbit.testing import ggml_oracle
+    try:
+        return ggml_oracle.load()
+    except ggml_oracle.OracleUnavailable as e:
+        pytest.skip(f"llama.cpp reference quantizer unavailable: {e}")

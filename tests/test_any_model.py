@@ -22,12 +22,8 @@ from lowbit.testing.tiny import MOE_ARCHS
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread does the work faster than two waiting on each other (and keeps CPU use modest)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 TEXT = "Fair is foul, and foul is fair: hover through the fog and filthy air. When shall we three meet again?"

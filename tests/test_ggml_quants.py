@@ -13,15 +13,6 @@ LEGACY = ("Q4_0", "Q5_0", "Q8_0")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
 
 
-@pytest.fixture(scope="module")
-def oracle():
-    from lowbit.testing import ggml_oracle
-    try:
-        return ggml_oracle.load()
-    except ggml_oracle.OracleUnavailable as e:
-        pytest.skip(f"llama.cpp reference quantizer unavailable: {e}")
-
-
 def _mixed(n: int, seed: int = 0) -> np.ndarray:
     """Rows that hit the corner cases of the C code (one kind per row)."""
     rng = np.random.default_rng(seed)

@@ -14,15 +14,6 @@ TEXT = "lowbit/testing/data/macbeth_sample.txt"
 
 
 @pytest.fixture(scope="module")
-def oracle():
-    from lowbit.testing import ggml_oracle
-    try:
-        return ggml_oracle.load()
-    except ggml_oracle.OracleUnavailable as e:
-        pytest.skip(f"llama.cpp reference quantizer unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def wide():
     """Rows of 256: the k-quant block size (narrower rows all fall back to legacy types)."""
     model, tok = make_tiny_model("llama", hidden=256, layers=2)

@@ -14,11 +14,8 @@ from lowbit.testing.tiny import MOE_ARCHS, make_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _inputs(q: Experts4bit, hidden: int, n: int = 9, seed: int = 0):
