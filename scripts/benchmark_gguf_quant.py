@@ -28,32 +28,19 @@ from lowbit.format import ggml_quants as gq  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / ".cache" / "models" / "gemma-3-270m"
 
-# Hugging Face -> GGUF tensor names (llama/gemma-style decoders)
-_HF_TO_GGUF = [
-    (r"^model\.embed_tokens\.weight$", "token_embd.weight"),
-    (r"^lm_head\.weight$", "output.weight"),
-    (r"^model\.norm\.weight$", "output_norm.weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$", r"blk.\1.attn_q.weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$", r"blk.\1.attn_k.weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$", r"blk.\1.attn_v.weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$", r"blk.\1.attn_output.weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_norm\.weight$", r"blk.\1.attn_q_norm.weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.k_norm\.weight$", r"blk.\1.attn_k_norm.weight"),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"blk.\1.attn_norm.weight"),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"blk.\1.post_attention_norm.weight"),
-    (r"^model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight$", r"blk.\1.ffn_norm.weight"),
-    (r"^model\.layers\.(\d+)\.post_feedforward_layernorm\.weight$", r"blk.\1.post_ffw_norm.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"blk.\1.ffn_gate.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"blk.\1.ffn_up.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"blk.\1.ffn_down.weight"),
-]
+def gguf_names(keys, model_type: str, n_layer: int) -> dict[str, str]:
+    """{HF tensor name: GGUF name} through gguf-py's tensor map, as the GGUF writer names them."""
+    import gguf
 
-
-def gguf_name(hf: str) -> str | None:
-    for pat, rep in _HF_TO_GGUF:
-        if re.match(pat, hf):
-            return re.sub(pat, rep, hf)
-    return None
+    from lowbit.export.gguf_writer import _ARCHS
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _ARCHS.get(model_type, "LLAMA")), n_layer)
+    out = {}
+    for k in keys:
+        base, _, suffix = k.rpartition(".")
+        new = name_map.get_name(base)
+        if new is not None:
+            out[k] = f"{new}.{suffix}"
+    return out
 
 
 def gemma3_270m_shapes(vocab: int) -> dict[str, tuple[int, ...]]:
@@ -80,10 +67,9 @@ def load_tensors(args) -> tuple[dict[str, torch.Tensor], ModelParams, str]:
         tensors = {}
         for f in sorted(model.glob("*.safetensors")):
             with safe_open(str(f), "pt") as sf:
-                for k in sf.keys():
-                    name = gguf_name(k)
-                    if name is not None:
-                        tensors[name] = sf.get_tensor(k)
+                names = gguf_names(sf.keys(), cfg.get("model_type", "llama"), int(cfg.get("num_hidden_layers", 0)))
+                for k, name in names.items():
+                    tensors[name] = sf.get_tensor(k)
         mp = ModelParams(n_layer=int(cfg.get("num_hidden_layers", 0)), n_expert=int(cfg.get("num_local_experts", 0)),
                          n_head=int(cfg.get("num_attention_heads", 0)),
                          n_head_kv=int(cfg.get("num_key_value_heads", cfg.get("num_attention_heads", 0))),
