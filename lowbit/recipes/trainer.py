@@ -19,10 +19,16 @@ from lowbit.recipes.optim import build_optimizer
 
 
 class _Lowbit:
-    """What every lowbit trainer adds to its TRL trainer."""
+    """What every lowbit trainer adds to its TRL trainer (a mixin before it in the bases)."""
 
-    def _lowbit_init(self, lowbit_cfg) -> None:
+    def __init__(self, *a, lowbit_cfg, **kw):
         self.lowbit_cfg = lowbit_cfg
+        super().__init__(*a, **kw)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._check_finite(out[0] if return_outputs else out)
+        return out
 
     def create_optimizer(self, *a, **kw):
         if self.optimizer is None:
@@ -40,8 +46,7 @@ class _Lowbit:
 class LowbitTrainer(_Lowbit, SFTTrainer):
     """SFT (and distillation) with lowbit's chunked loss; data arrives tokenized and packed (`recipes.data`)."""
 
-    def __init__(self, *a, lowbit_cfg, teacher=None, **kw):
-        self._lowbit_init(lowbit_cfg)
+    def __init__(self, *a, teacher=None, **kw):
         self.teacher = teacher  # frozen full-precision model for online distillation (None: CE or stored top-k)
         super().__init__(*a, **kw)
 
@@ -75,29 +80,18 @@ class LowbitTrainer(_Lowbit, SFTTrainer):
 
 
 class LowbitDPOTrainer(_Lowbit, DPOTrainer):
-    def __init__(self, *a, lowbit_cfg, **kw):
-        self._lowbit_init(lowbit_cfg)
-        super().__init__(*a, **kw)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._check_finite(out[0] if return_outputs else out)
-        return out
+    pass
 
 
 class LowbitGRPOTrainer(_Lowbit, GRPOTrainer):
-    def __init__(self, *a, lowbit_cfg, **kw):
-        self._lowbit_init(lowbit_cfg)
-        super().__init__(*a, **kw)
+    pass
 
 
 def _orpo():
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # experimental in TRL 1.x: imported only when used
 
     class LowbitORPOTrainer(_Lowbit, ORPOTrainer):
-        def __init__(self, *a, lowbit_cfg, **kw):
-            self._lowbit_init(lowbit_cfg)
-            super().__init__(*a, **kw)
+        pass
     return ORPOConfig, LowbitORPOTrainer
 
 
