@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from trl import pack_dataset
 
 from lowbit.errors import ConfigError, InputError, LowbitError
 from lowbit.methods.data_gen.dataset import GeneratedDataset
@@ -116,7 +117,6 @@ def tokenize(rows, fmt: str, tok, cfg: DataConfig):
             ds = ds.filter(has_labels, **mp)
     if strategy is None:
         return ds
-    from trl import pack_dataset
     # long documents continue in the next row (bfd_split); a conversation or completion is never split
     return pack_dataset(ds, cfg.max_seq_len, "bfd_split" if fmt == "text" else "bfd")
 
@@ -162,7 +162,8 @@ def _generated(dirs: list[str], tok, cfg: DataConfig, with_topk: bool) -> list[d
 
 
 def _eval_config(cfg: DataConfig) -> DataConfig:
-    """Eval examples are scored one per row: packed rows need no mask here but would hide per-example loss."""
+    """The eval set's own settings: never BFD-packed (perplexity is scored one example per row); text keeps its
+    BOS-led wrapped blocks; generated, preference and prompt runs are scored on plain held-out text."""
     fmt = "text" if cfg.format in ("generated", *UNTOKENIZED) else cfg.format  # held-out real text
     return dataclasses.replace(cfg, format=fmt, packing=cfg.packing and fmt == "text", packing_strategy="wrapped")
 
