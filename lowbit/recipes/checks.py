@@ -4,6 +4,7 @@ Single-field types, choices and bounds are the schema's (`recipes.config`); thes
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -85,7 +86,6 @@ def _check_method(cfg) -> None:
     if m == "grpo":
         if not cfg.grpo.reward_funcs:
             raise ConfigError("train.method=grpo needs grpo.reward_funcs: ['module:function', ...]")
-        from lowbit.recipes.trainer import reward_function
         for spec in cfg.grpo.reward_funcs:
             reward_function(spec)
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -103,3 +103,17 @@ def _check_data(cfg) -> None:
     if d.format == "generated" and d.datasets:
         raise ConfigError("data.format=generated reads `lowbit generate` folders from data.train_files, not "
                           "data.datasets")
+
+
+def reward_function(spec: str):
+    """'package.module:function' → the function (checked before any model is loaded)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"grpo.reward_funcs entry {spec!r} is not 'module:function' (e.g. mypkg.rewards:exact_match)")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"grpo.reward_funcs: cannot import {spec!r} ({e}); put the module on PYTHONPATH") from None
+    if not callable(fn):
+        raise ConfigError(f"grpo.reward_funcs: {spec!r} is not callable")
+    return fn

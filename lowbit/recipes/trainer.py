@@ -7,12 +7,11 @@ chunked vocabulary loss (or the distillation loss) in place of TRL's full-logits
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from lowbit.errors import ConfigError, TrainingError
+from lowbit.errors import TrainingError
+from lowbit.recipes.checks import reward_function
 from lowbit.recipes.distill import distill_loss
 from lowbit.recipes.loss import causal_lm_loss
 from lowbit.recipes.optim import build_optimizer
@@ -93,20 +92,6 @@ def _orpo():
     class LowbitORPOTrainer(_Lowbit, ORPOTrainer):
         pass
     return ORPOConfig, LowbitORPOTrainer
-
-
-def reward_function(spec: str):
-    """'package.module:function' → the function (checked before any model is loaded)."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"grpo.reward_funcs entry {spec!r} is not 'module:function' (e.g. mypkg.rewards:exact_match)")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"grpo.reward_funcs: cannot import {spec!r} ({e}); put the module on PYTHONPATH") from None
-    if not callable(fn):
-        raise ConfigError(f"grpo.reward_funcs: {spec!r} is not callable")
-    return fn
 
 
 def method_config(cfg, common: dict):
