@@ -79,18 +79,18 @@ class LowbitTrainer(_Lowbit, SFTTrainer):
 
 
 class LowbitDPOTrainer(_Lowbit, DPOTrainer):
-    pass
+    """TRL's DPO with lowbit's optimizers and finite-loss stop; reference = the base with adapters off."""
 
 
 class LowbitGRPOTrainer(_Lowbit, GRPOTrainer):
-    pass
+    """TRL's GRPO with lowbit's optimizers and finite-loss stop."""
 
 
 def _orpo():
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # experimental in TRL 1.x: imported only when used
 
     class LowbitORPOTrainer(_Lowbit, ORPOTrainer):
-        pass
+        """TRL's ORPO with lowbit's optimizers and finite-loss stop (no reference model)."""
     return ORPOConfig, LowbitORPOTrainer
 
 
