@@ -1,6 +1,6 @@
 """Time our GGUF quantizers (torch) against llama.cpp's reference C code on the tensors of one model.
 
-Each tensor gets the type llama-quantize would give it for --ftype (lowbit.export.gguf_types), is quantized by
+Each tensor gets the type llama-quantize would give it for --ftype (lowbit.format.ggml_quants.filetypes), is quantized by
 both implementations (the C one built by lowbit.testing.ggml_oracle, run on 1 thread and on --threads threads
 split by rows), and the bytes are compared. Tensors come from a safetensors folder (--model; default the local
 gemma-3-270m if present) or are random matrices with Gemma-3-270M's shapes.
@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowbit.export.gguf_types import ModelParams, tensor_types  # noqa: E402
 from lowbit.format import ggml_quants as gq  # noqa: E402
+from lowbit.format.ggml_quants.filetypes import ModelParams, tensor_types  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / ".cache" / "models" / "gemma-3-270m"
 
@@ -32,8 +32,8 @@ def gguf_names(keys, model_type: str, n_layer: int) -> dict[str, str]:
     """{HF tensor name: GGUF name} through gguf-py's tensor map, as the GGUF writer names them."""
     import gguf
 
-    from lowbit.export.gguf_writer import _ARCHS
-    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _ARCHS.get(model_type, "LLAMA")), n_layer)
+    from lowbit.models.gguf_arch import GGUF_ARCHS
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCHS.get(model_type, "LLAMA")), n_layer)
     out = {}
     for k in keys:
         base, _, suffix = k.rpartition(".")

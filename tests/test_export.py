@@ -153,7 +153,7 @@ def test_llama_qk_rows_are_permuted_like_llama_cpp(tiny_model_dirs, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.export.gguf_writer import permute_qk
+    from lowbit.models.gguf_arch import permute_qk
     src = tiny_model_dirs("llama")
     dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     export_gguf(dense, AutoTokenizer.from_pretrained(src), tmp_path / "l.gguf", "F16", progress=False)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lowbit.export.formats import _hf_names, verify_gguf
-from lowbit.export.gguf_writer import _ARCHS, _gguf_tensors, export_gguf, tensor_type_plan
+from lowbit.export.gguf_writer import export_gguf
 from lowbit.export.imatrix import compute_imatrix, read_imatrix
+from lowbit.models.gguf_arch import GGUF_ARCHS, gguf_tensors, tensor_type_plan
 from lowbit.testing import make_tiny_model
 
 TEXT = "lowbit/testing/data/macbeth_sample.txt"
@@ -31,7 +32,7 @@ def test_types_follow_llama_cpp_and_bytes_equal_its_quantizer(ftype, wide, oracl
     out = tmp_path / f"m-{ftype}.gguf"
     export_gguf(model, tok, out, ftype, progress=False)
     _, stored = _file(out)
-    items = list(_gguf_tensors(model, _ARCHS["llama"]))
+    items = list(gguf_tensors(model, GGUF_ARCHS["llama"]))
     plan = tensor_type_plan(items, model, ftype, has_imatrix=False)
     assert {n: t.tensor_type.name for n, t in stored.items()} == plan
     for name, t in items:
@@ -57,7 +58,7 @@ def test_k_quant_file_loads_in_transformers_close_to_dense(wide, tmp_path):
 
 def test_imatrix_from_text_weighs_the_quantizer_like_llama_cpp(wide, oracle, tmp_path):
     model, tok = wide
-    names = {hf: g for (g, _), hf in zip(_gguf_tensors(model, "LLAMA"), _hf_names(model), strict=True)}
+    names = {hf: g for (g, _), hf in zip(gguf_tensors(model, "LLAMA"), _hf_names(model), strict=True)}
     imatrix = compute_imatrix(model, tok, TEXT, names, n_ctx=64, max_chunks=4, progress=False)
     assert set(imatrix) == {g for hf, g in names.items() if hf.endswith("proj.weight") or hf == "lm_head.weight"}
     assert all(v.shape == (model.config.hidden_size if "down" not in k else model.config.intermediate_size,)
@@ -69,7 +70,7 @@ def test_imatrix_from_text_weighs_the_quantizer_like_llama_cpp(wide, oracle, tmp
     _, b = _file(weighted)
     name = "blk.1.attn_q.weight"
     assert not np.array_equal(a[name].data, b[name].data)
-    w = dict(_gguf_tensors(model, "LLAMA"))[name]
+    w = dict(gguf_tensors(model, "LLAMA"))[name]
     want = oracle.quantize(w, "Q4_K", quant_weights=imatrix[name].numpy())
     assert np.array_equal(np.asarray(b[name].data).reshape(want.shape), want)
 

@@ -1,8 +1,14 @@
-"""lowbit.export.gguf_types vs the rules of llama.cpp's src/llama-quant.cpp (cases derived from the C++ source:
+"""lowbit.format.ggml_quants.filetypes vs the rules of llama.cpp's src/llama-quant.cpp (cases derived from the C++ source:
 llama_tensor_get_type, llama_tensor_get_type_impl, tensor_type_fallback, tensor_allows_quantization)."""
 import pytest
 
-from lowbit.export.gguf_types import ModelParams, tensor_allows_quantization, tensor_category, tensor_type, tensor_types
+from lowbit.format.ggml_quants.filetypes import (
+    ModelParams,
+    tensor_allows_quantization,
+    tensor_category,
+    tensor_type,
+    tensor_types,
+)
 
 
 def _llama(n_layer: int, hidden: int = 4096, ff: int = 11008, kv: int = 4096, tied: bool = False):

@@ -12,10 +12,11 @@ import torch
 
 from lowbit.errors import ConfigError, InputError, LowbitError
 from lowbit.export.bnb4bit import bnb4_reference, save_bnb4
-from lowbit.export.gguf_writer import _ARCHS, GEMMAS, _gguf_tensors, export_gguf
+from lowbit.export.gguf_writer import export_gguf
 from lowbit.export.imatrix import compute_imatrix, read_imatrix
 from lowbit.export.merge import _logits, _probe_ids, load_adapter_model, merge, merge_into_dense, resolve_adapter
 from lowbit.methods.loftq import LOFTQ_BASE_FILE
+from lowbit.models.gguf_arch import GEMMAS, GGUF_ARCHS, gguf_tensors
 from lowbit.utils.io import atomic_dir
 from lowbit.utils.run_record import RUN_FILE
 
@@ -125,7 +126,7 @@ def export_gguf_file(source, out, *, base=None, gguf_type: str = "F16", overwrit
     if imatrix is not None:
         weights = read_imatrix(imatrix)
     elif calibration is not None:
-        names = {hf: g for (g, _), hf in zip(_gguf_tensors(model, _ARCHS.get(model.config.model_type, "LLAMA")),
+        names = {hf: g for (g, _), hf in zip(gguf_tensors(model, GGUF_ARCHS.get(model.config.model_type, "LLAMA")),
                                                _hf_names(model), strict=True)}
         weights = compute_imatrix(model, tok, calibration, names, progress=progress)
     rep = export_gguf(model, tok, out, gguf_type, overwrite=overwrite, progress=progress, imatrix=weights)
@@ -143,9 +144,9 @@ def gguf_reference(model, gguf_path):
     reader = gguf.GGUFReader(str(gguf_path))
     stored = {t.name: t for t in reader.tensors}
     ref = copy.deepcopy(model)
-    arch_key = _ARCHS[model.config.model_type]
+    arch_key = GGUF_ARCHS[model.config.model_type]
     names = {}
-    for (gname, _), hf_name in zip(_gguf_tensors(model, arch_key), _hf_names(model), strict=True):
+    for (gname, _), hf_name in zip(gguf_tensors(model, arch_key), _hf_names(model), strict=True):
         names[hf_name] = gname
     sd = ref.state_dict()
     cfg = model.config

@@ -17,16 +17,12 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError, UnsupportedModelError
-from lowbit.export.gguf_types import ModelParams, tensor_types
 from lowbit.format import ggml_quants
+from lowbit.models.gguf_arch import GEMMAS, GGUF_ARCHS, gguf_tensors, tensor_type_plan
 from lowbit.utils.io import atomic_path
 
-# file types (llama-quantize's names); each tensor's own type comes from llama.cpp's rules (gguf_types)
+# file types (llama-quantize's names); each tensor's type follows llama.cpp's rules (ggml_quants.filetypes)
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F32")
-# model_type -> gguf MODEL_ARCH (the conventions of each follow llama.cpp's convert_hf_to_gguf.py classes)
-_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "qwen2": "QWEN2",
-          "qwen3": "QWEN3"}
-GEMMAS = ("GEMMA2", "GEMMA3")
 # token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
@@ -42,14 +38,6 @@ def _file_type(name: str):
     return gguf.LlamaFileType.ALL_F32 if name == "F32" else getattr(gguf.LlamaFileType, f"MOSTLY_{name}")
 
 
-def tensor_type_plan(items: list[tuple[str, torch.Tensor]], model, gguf_type: str, has_imatrix: bool) -> dict:
-    """{gguf name: ggml type name} as llama-quantize would choose them for this file type."""
-    cfg = model.config
-    params = ModelParams(n_layer=cfg.num_hidden_layers, n_expert=getattr(cfg, "num_local_experts", 0) or 0,
-                         n_head=cfg.num_attention_heads, n_head_kv=getattr(cfg, "num_key_value_heads", 0) or 0)
-    return tensor_types({n: tuple(t.shape) for n, t in items}, gguf_type, params, has_imatrix=has_imatrix)
-
-
 def encode_tensor(t: torch.Tensor, qtype: str, quant_weights: torch.Tensor | None = None) -> np.ndarray:
     """The tensor's data in ggml type `qtype`: our byte-identical quantizers; gguf-py's for the types we lack."""
     import gguf
@@ -63,39 +51,6 @@ def encode_tensor(t: torch.Tensor, qtype: str, quant_weights: torch.Tensor | Non
     if qtype in ggml_quants.SUPPORTED_TYPES:
         return ggml_quants.quantize(data.reshape(-1, data.shape[-1]), qtype, quant_weights).numpy()
     return gguf.quants.quantize(data.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
-
-
-def permute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
-    """llama.cpp's LlamaModel.permute: HF's half-split rotary rows → interleaved pairs."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_tensors(model: nn.Module, arch_key: str):
-    """Yield (gguf name, fp32 tensor) in llama.cpp's layout."""
-    import gguf
-    cfg = model.config
-    arch = getattr(gguf.MODEL_ARCH, arch_key)
-    name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    tied = getattr(cfg, "tie_word_embeddings", False)
-    for hf_name, t in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        base, _, suffix = hf_name.rpartition(".")
-        new = name_map.get_name(base)
-        if new is None:
-            raise UnsupportedModelError(f"no GGUF name for tensor {hf_name}; this layout is not a standard "
-                                        f"{cfg.model_type} checkpoint")
-        t = t.detach().float()
-        if arch_key == "LLAMA":
-            if hf_name.endswith("q_proj.weight"):
-                t = permute_qk(t, cfg.num_attention_heads, cfg.num_attention_heads)
-            elif hf_name.endswith("k_proj.weight"):
-                t = permute_qk(t, cfg.num_attention_heads, cfg.num_key_value_heads)
-        elif arch_key in GEMMAS and hf_name.endswith("norm.weight"):
-            t = t + 1  # Gemma's RMSNorm computes x·(1+w); llama.cpp stores (1+w)
-        yield f"{new}.{suffix}", t
 
 
 def _add_arch_metadata(w, model, arch_key: str, name: str, gguf_type: str) -> None:
@@ -223,16 +178,16 @@ def export_gguf(model: nn.Module, tok, out, gguf_type: str = "F16", overwrite: b
     from tqdm.auto import tqdm
     _check_type(gguf_type)
     mt = model.config.model_type
-    if mt not in _ARCHS:
-        raise UnsupportedModelError(f"GGUF export supports {', '.join(_ARCHS)} models, not {mt!r}; export "
+    if mt not in GGUF_ARCHS:
+        raise UnsupportedModelError(f"GGUF export supports {', '.join(GGUF_ARCHS)} models, not {mt!r}; export "
                                     "--format merged or bnb4 instead")
-    arch_key = _ARCHS[mt]
+    arch_key = GGUF_ARCHS[mt]
     arch_name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_key)]
     out = Path(out)
     if out.suffix != ".gguf":
         raise ConfigError(f"GGUF output {out} must end in .gguf")
     counts: dict[str, int] = {}
-    items = list(_gguf_tensors(model, arch_key))
+    items = list(gguf_tensors(model, arch_key))
     plan = tensor_type_plan(items, model, gguf_type, imatrix is not None)
     with atomic_path(out, overwrite) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch_name)

@@ -43,7 +43,7 @@ class OracleUnavailable(RuntimeError):
 _GGML_TYPE_ID = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9, "Q2_K": 10,
                  "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15}
 
-# Only the files ggml-quants.c needs, plus llama-quant.cpp (the spec of lowbit.export.gguf_types).
+# Only the files ggml-quants.c needs, plus llama-quant.cpp (the spec of lowbit.format.ggml_quants.filetypes).
 _MEMBERS = re.compile(r"vendor/llama\.cpp/(ggml/include/[^/]+\.h|ggml/src/[^/]+\.h|ggml/src/ggml-quants\.c|"
                       r"ggml/src/ggml-cpu/[^/]+\.h|src/llama-quant\.cpp|src/llama-arch\.h|src/llama-model\.h)$")
 
