@@ -38,7 +38,13 @@ LB_HD int nibble(const uint8_t* packed, int64_t i) {
 LB_HD float block_absmax(const float* absmax_f32, const uint8_t* absmax_q, const float* nested_absmax,
                          const float* nested_code, float offset, int64_t block, int nested_shift) {
   if (absmax_q == nullptr) return absmax_f32[block];
+#if defined(__CUDA_ARCH__)
+  // nvcc contracts a*b + c into one FMA (one rounding) by default; the reference rounds the
+  // product, then the sum. __fmul_rn/__fadd_rn are never contracted.
+  return __fadd_rn(__fmul_rn(nested_code[absmax_q[block]], nested_absmax[block >> nested_shift]), offset);
+#else
   return nested_code[absmax_q[block]] * nested_absmax[block >> nested_shift] + offset;
+#endif
 }
 
 // fp32 -> bf16 bits, round to nearest even (what torch's .to(bfloat16) does); NaN stays NaN.
