@@ -178,13 +178,13 @@ def test_gguf_export_from_adapter_via_cli(run_dir, tmp_path, capsys):
 
 
 def test_gguf_refuses_unsupported_architecture(tiny_model_dirs, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig
 
     from lowbit.testing.tiny import make_tokenizer
-    src = tmp_path / "neox-src"
+    src = tmp_path / "bloom-src"
     tok = make_tokenizer()
-    AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                                   num_hidden_layers=1, num_attention_heads=4)).save_pretrained(src)
+    AutoModelForCausalLM.from_config(BloomConfig(vocab_size=len(tok), hidden_size=64, n_layer=1,
+                                                 n_head=4)).save_pretrained(src)
     tok.save_pretrained(src)
     tmp_path = tmp_path / "out"
     tmp_path.mkdir()

@@ -1,9 +1,17 @@
 """GGUF k-quant files as llama-quantize writes them: per-tensor types by llama.cpp's rules, bytes equal to
-llama.cpp's own quantizer (compiled from its C source), an importance matrix from text, chat metadata."""
+llama.cpp's own quantizer (compiled from its C source), an importance matrix from text, chat metadata, and every
+family's tensors + hyper-parameter keys equal to llama.cpp's own convert_hf_to_gguf.py output."""
+import copy
+import json
+import subprocess
+import sys
+import tarfile
+
 import gguf
 import numpy as np
 import pytest
 import torch
+from test_gguf_families import EXPECTED_ARCH, tiny
 
 from lowbit.export.formats import _hf_names, verify_gguf
 from lowbit.export.gguf_writer import export_gguf
@@ -91,6 +99,8 @@ def test_chat_template_and_special_ids_equal_the_tokenizer(wide, tmp_path):
     model, tok = wide
     tok = tok.__class__.from_pretrained(_save(tok, tmp_path / "tok"))
     tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    model = copy.deepcopy(model)
+    model.resize_token_embeddings(len(tok))  # the new token needs its embedding row (else export refuses)
     out = tmp_path / "m.gguf"
     export_gguf(model, tok, out, "Q8_0", progress=False)
     r, _ = _file(out)
@@ -104,3 +114,92 @@ def test_chat_template_and_special_ids_equal_the_tokenizer(wide, tmp_path):
 def _save(tok, path):
     tok.save_pretrained(path)
     return path
+
+
+# ---- llama.cpp's own converter (vendored in the llama-cpp-python sdist the quantizer oracle uses) ----
+
+_HARNESS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import convert_hf_to_gguf as c
+import conversion
+
+_get = c.get_model_class
+def _patched(*a, **k):  # tensors + hyper-parameters only: our tiny tokenizer is none of its known ones
+    cls = _get(*a, **k)
+    for klass in cls.__mro__:
+        if "set_vocab" in klass.__dict__:
+            klass.set_vocab = lambda self: None
+    return cls
+c.get_model_class = _patched
+_load = conversion.ModelBase.load_hparams
+def _hparams(*a, **k):  # keys transformers 5 no longer writes that the converter still reads
+    h = _load(*a, **k)
+    if h.get("model_type") == "gpt_neox":
+        h.setdefault("rotary_pct", (h.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if h.get("model_type") == "gpt2":
+        h.setdefault("n_ctx", h.get("n_positions"))
+    return h
+conversion.ModelBase.load_hparams = staticmethod(_hparams)
+for src, out in json.loads(sys.argv[2]):
+    mtp = ["--no-mtp"] if "qwen3_5" in src else []  # Qwen3.5's converter expects an MTP head the tiny ones lack
+    sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", *mtp, "--outfile", out]
+    c.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_converter():
+    """Folder with llama.cpp's convert_hf_to_gguf.py, conversion/ and gguf-py/, from the cached sdist."""
+    from lowbit.testing import ggml_oracle
+    try:
+        ggml_oracle.ensure_sources()
+    except ggml_oracle.OracleUnavailable as e:
+        pytest.skip(f"llama.cpp sources unavailable: {e}")
+    sdist = sorted(ggml_oracle.cache_dir().glob("llama_cpp_python-*.tar.gz"))[-1]
+    dest = ggml_oracle.cache_dir() / f"convert-{sdist.name.removesuffix('.tar.gz')}"
+    if not (dest / "convert_hf_to_gguf.py").exists():
+        with tarfile.open(sdist, "r:gz") as tar:
+            for m in tar.getmembers():
+                rel = m.name.split("/vendor/llama.cpp/", 1)[-1] if "/vendor/llama.cpp/" in m.name else None
+                if m.isfile() and rel and (rel == "convert_hf_to_gguf.py" or rel.startswith(("conversion/", "gguf-py/"))):
+                    target = dest / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(tar.extractfile(m).read())
+    return dest
+
+
+@pytest.mark.slow
+def test_tensors_and_keys_equal_llama_cpps_converter(llama_cpp_converter, tmp_path):
+    """Our F32 file against llama.cpp's convert_hf_to_gguf.py run on the same saved checkpoint: the same tensor
+    names, byte-equal data, the same hyper-parameter keys (ours may add a few it leaves to defaults)."""
+    archs = sorted(EXPECTED_ARCH)
+    jobs = []
+    for a in archs:
+        model, tok = tiny(a)
+        model.save_pretrained(tmp_path / a)
+        tok.save_pretrained(tmp_path / a)
+        jobs.append((str(tmp_path / a), str(tmp_path / f"ref-{a}.gguf")))
+    proc = subprocess.run([sys.executable, "-c", _HARNESS, str(llama_cpp_converter), json.dumps(jobs)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # keys we write that llama.cpp's converter leaves to llama.cpp's defaults (same values), or derives wrongly
+    # from transformers 5 configs (deepseek_v3 no longer spells out scoring_func: llama.cpp would assume softmax)
+    extra_ok = {"vocab_size", "rope.freq_base", "expert_gating_func"}
+    for a in archs:
+        model, tok = tiny(a)
+        export_gguf(model, tok, tmp_path / f"ours-{a}.gguf", "F32", progress=False)
+        ours, ref = gguf.GGUFReader(str(tmp_path / f"ours-{a}.gguf")), gguf.GGUFReader(str(tmp_path / f"ref-{a}.gguf"))
+        to, tr = {t.name: t for t in ours.tensors}, {t.name: t for t in ref.tensors}
+        assert set(to) == set(tr), a
+        for n in to:
+            x, y = np.asarray(to[n].data), np.asarray(tr[n].data)
+            if a.endswith("_vl") and n == "token_embd.weight":  # llama.cpp drops the image-marker rows...
+                x = x[:len(y)]  # ...we keep them: the checkpoint's own embedding, lossless
+            assert np.array_equal(x, y), (a, n)
+        ko = {k: f.contents() for k, f in ours.fields.items() if not k.startswith(("tokenizer.", "general.", "GGUF."))}
+        kr = {k: f.contents() for k, f in ref.fields.items() if not k.startswith(("tokenizer.", "general.", "GGUF."))}
+        assert set(kr) <= set(ko), (a, set(kr) - set(ko))
+        assert all(k.split(".", 1)[1] in extra_ok for k in set(ko) - set(kr)), (a, set(ko) - set(kr))
+        for k, v in kr.items():
+            assert ko[k] == pytest.approx(v), (a, k)

@@ -1,9 +1,9 @@
-"""Export a dense HF Llama / Gemma3 model (e.g. a merged checkpoint) to GGUF through the `gguf` package.
+"""Export a dense HF causal LM (e.g. a merged checkpoint) to GGUF through the `gguf` package.
 
-Follows llama.cpp's convert_hf_to_gguf.py: tensor names from `gguf.TensorNameMap`, Llama's
-q/k rows permuted into llama.cpp's rotary layout, Gemma3 RMSNorm weights stored as w+1 (llama.cpp
-multiplies by the stored weight; transformers' GGUF loader subtracts the 1 again), 1-D tensors
-kept F32, and 2-D tensors whose rows do not split into the type's blocks fall back to F16.
+Follows llama.cpp's convert_hf_to_gguf.py; what differs per architecture (tensor names, q/k permutes,
+norm offsets, fused qkv / expert layouts, metadata keys) lives in lowbit.models.gguf_arch. Here: the
+file itself, the tokenizer, and per-tensor encoding (1-D tensors kept F32, 2-D tensors whose rows do not
+split into the type's blocks fall back as llama-quantize does).
 Tokenizers: byte-level BPE → `tokenizer.ggml.model = "gpt2"`; Gemma's SentencePiece-style
 vocabulary → `"llama"` with scores and token types.
 """
@@ -18,7 +18,8 @@ from torch import nn
 
 from lowbit.errors import ConfigError, UnsupportedModelError
 from lowbit.format import ggml_quants
-from lowbit.models.gguf_arch import GEMMAS, GGUF_ARCHS, gguf_tensors, tensor_type_plan
+from lowbit.kernels.ggml import quantize_ggml
+from lowbit.models.gguf_arch import GEMMAS, add_arch_metadata, family, gguf_tensors, tensor_type_plan
 from lowbit.utils.io import atomic_path
 
 # file types (llama-quantize's names); each tensor's type follows llama.cpp's rules (ggml_quants.filetypes)
@@ -49,47 +50,8 @@ def encode_tensor(t: torch.Tensor, qtype: str, quant_weights: torch.Tensor | Non
     if qtype == "BF16":
         return gguf.quants.quantize(data.numpy(), gguf.GGMLQuantizationType.BF16)
     if qtype in ggml_quants.SUPPORTED_TYPES:
-        return ggml_quants.quantize(data.reshape(-1, data.shape[-1]), qtype, quant_weights).numpy()
+        return quantize_ggml(data.reshape(-1, data.shape[-1]), qtype, quant_weights).numpy()  # C++ when built
     return gguf.quants.quantize(data.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
-
-
-def _add_arch_metadata(w, model, arch_key: str, name: str, gguf_type: str) -> None:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_name(name)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_file_type(_file_type(gguf_type))
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if arch_key in ("LLAMA", "QWEN2", "QWEN3"):
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        w.add_rope_freq_base(float(theta))
-        if arch_key == "LLAMA":
-            w.add_rope_dimension_count(head_dim)
-        if arch_key == "QWEN3" or head_dim * cfg.num_attention_heads != cfg.hidden_size:
-            w.add_key_length(head_dim)  # Qwen3's head_dim is its own setting, not hidden / heads
-            w.add_value_length(head_dim)
-        w.add_vocab_size(cfg.vocab_size)
-    else:  # GEMMA2/3: as llama.cpp's Gemma2Model / Gemma3Model.set_gguf_parameters
-        full = rope.get("full_attention", rope)
-        w.add_rope_freq_base(float(full.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-        if arch_key == "GEMMA2" and getattr(cfg, "attn_logit_softcapping", None):
-            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_sliding_window(cfg.sliding_window)
-        w.add_vocab_size(cfg.vocab_size)
-        if getattr(cfg, "final_logit_softcapping", None):
-            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-        if getattr(cfg, "query_pre_attn_scalar", head_dim) != head_dim:
-            # llama.cpp derives the attention scale from key_length; a different scalar would be lost
-            raise UnsupportedModelError(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} != head_dim={head_dim}: "
-                                        "GGUF cannot express it (llama.cpp and transformers assume head_dim)")
 
 
 def _tokenizer_json(tok) -> dict:
@@ -101,7 +63,8 @@ def _add_tokenizer(w, tok, arch_key: str, vocab_size: int) -> None:
     model = tj["model"]
     vocab = model["vocab"]
     if model["type"] != "BPE":
-        raise UnsupportedModelError(f"tokenizer model {model['type']!r} is not supported for GGUF export (BPE only)")
+        raise UnsupportedModelError(f"tokenizer model {model['type']!r} is not supported for GGUF export (BPE only); "
+                                    "export --format merged or bnb4 instead")
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
     tokens = [None] * vocab_size
     for tok_str, i in vocab.items():
@@ -119,7 +82,7 @@ def _add_tokenizer(w, tok, arch_key: str, vocab_size: int) -> None:
             types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         elif t.startswith("[PAD") and t.endswith("]") and t not in vocab:
             types.append(USER_DEFINED)
-        elif arch_key in GEMMAS and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+        elif (arch_key in GEMMAS or arch_key == "GEMMA4") and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
             types.append(BYTE)
         else:
             types.append(NORMAL)
@@ -131,6 +94,16 @@ def _add_tokenizer(w, tok, arch_key: str, vocab_size: int) -> None:
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
+    elif arch_key == "GEMMA4":  # Gemma 4's SentencePiece-style BPE: llama.cpp's own "gemma4" vocab (merges required)
+        if not merges:
+            raise UnsupportedModelError("a Gemma 4 tokenizer without BPE merges cannot be written to GGUF; export "
+                                        "--format merged or bnb4 instead")
+        w.add_tokenizer_model("gemma4")
+        w.add_token_list(tokens)
+        w.add_token_scores([-float(i) for i in range(len(tokens))])
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_add_space_prefix(False)
     else:  # SentencePiece-style BPE (Gemma): llama.cpp's "llama" vocab; scores rank tokens by id
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
@@ -144,14 +117,21 @@ def _add_tokenizer(w, tok, arch_key: str, vocab_size: int) -> None:
                     ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
         v = getattr(tok, key, None)
         if v is not None:
-            fn(int(v))
+            fn(_in_vocab(int(v), key, vocab_size))
     eot = _end_of_turn_id(tok)
     if eot is not None:  # llama.cpp stops a chat turn at EOT (Gemma's <end_of_turn>, ChatML's <|im_end|>)
-        w.add_eot_token_id(eot)
+        w.add_eot_token_id(_in_vocab(eot, "end-of-turn token", vocab_size))
     w.add_add_bos_token(bool(getattr(tok, "add_bos_token", True)))
     w.add_add_eos_token(bool(getattr(tok, "add_eos_token", False)))
     if getattr(tok, "chat_template", None):
         w.add_chat_template(tok.chat_template)
+
+
+def _in_vocab(i: int, what: str, vocab_size: int) -> int:
+    if not 0 <= i < vocab_size:  # the GGUF token list has one entry per embedding row
+        raise UnsupportedModelError(f"tokenizer {what}={i} lies outside the model's {vocab_size} embedding rows; "
+                                    "resize the embeddings (model.resize_token_embeddings) before GGUF export")
+    return i
 
 
 EOT_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
@@ -173,27 +153,27 @@ def _walk(node):
 
 def export_gguf(model: nn.Module, tok, out, gguf_type: str = "F16", overwrite: bool = False, name: str | None = None,
                 progress: bool = True, imatrix: dict[str, torch.Tensor] | None = None) -> dict:
-    """Write `model` (dense HF Llama/Mistral/Gemma3 causal LM) + tokenizer to one GGUF file, atomically."""
+    """Write `model` (dense HF causal LM of a family `lowbit.models.gguf_arch` knows) + tokenizer to one GGUF
+    file, atomically."""
     import gguf
     from tqdm.auto import tqdm
     _check_type(gguf_type)
-    mt = model.config.model_type
-    if mt not in GGUF_ARCHS:
-        raise UnsupportedModelError(f"GGUF export supports {', '.join(GGUF_ARCHS)} models, not {mt!r}; export "
-                                    "--format merged or bnb4 instead")
-    arch_key = GGUF_ARCHS[mt]
+    fam = family(model)  # one clear line for families GGUF export does not cover
+    arch_key = fam.arch_key
     arch_name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_key)]
     out = Path(out)
     if out.suffix != ".gguf":
         raise ConfigError(f"GGUF output {out} must end in .gguf")
     counts: dict[str, int] = {}
-    items = list(gguf_tensors(model, arch_key))
+    items = list(gguf_tensors(model))
     plan = tensor_type_plan(items, model, gguf_type, imatrix is not None)
+    mt = model.config.model_type
     with atomic_path(out, overwrite) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch_name)
-        _add_arch_metadata(w, model, arch_key, name or (model.config.name_or_path and Path(
-            model.config.name_or_path).name) or mt, gguf_type)
-        _add_tokenizer(w, tok, arch_key, model.config.vocab_size)
+        w.add_name(name or (model.config.name_or_path and Path(model.config.name_or_path).name) or mt)
+        add_arch_metadata(w, model)
+        w.add_file_type(_file_type(gguf_type))
+        _add_tokenizer(w, tok, arch_key, fam.text_config(model.config).vocab_size)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for gname, t in tqdm(items, desc=f"GGUF {gguf_type}", unit="tensor", disable=not progress):
             tt = plan[gname]
