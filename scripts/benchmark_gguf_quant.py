@@ -1,9 +1,13 @@
-"""Time our GGUF quantizers (torch) against llama.cpp's reference C code on the tensors of one model.
+"""Time lowbit's GGUF quantizers (the C++ kernels and the torch reference) against llama.cpp's reference C code on the
+tensors of one model, side by side in one run.
 
-Each tensor gets the type llama-quantize would give it for --ftype (lowbit.format.ggml_quants.filetypes), is quantized by
-both implementations (the C one built by lowbit.testing.ggml_oracle, run on 1 thread and on --threads threads
-split by rows), and the bytes are compared. Tensors come from a safetensors folder (--model; default the local
-gemma-3-270m if present) or are random matrices with Gemma-3-270M's shapes.
+Each tensor gets the type llama-quantize would give it for --ftype (lowbit.format.ggml_quants.filetypes) and is
+quantized by every implementation: lowbit's C++ path (lowbit.kernels.ggml.quantize_ggml, the CPU kernels' vector path
+named in the output), lowbit's torch path (lowbit.format.ggml_quants.quantize; --no-torch skips it) and the C one
+(built by lowbit.testing.ggml_oracle). Each runs on 1 thread (CPU time of this process) and on --threads threads
+(wall time; torch threads for lowbit, a row split for C); the bytes are compared with C's. Tensors come from a
+safetensors folder (--model; default the local gemma-3-270m if present) or are random matrices with Gemma-3-270M's
+shapes.
 
     python scripts/benchmark_gguf_quant.py --threads 2 --out outputs/bench_gguf_quant.json [--imatrix]
 """
@@ -93,6 +97,10 @@ def timed(fn, repeat: int) -> tuple[float, float, object]:
     return wall * 1e3, cpu * 1e3, out
 
 
+def _as_np(out) -> np.ndarray:
+    return out.numpy() if isinstance(out, torch.Tensor) else out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="safetensors folder (default: .cache/models/gemma-3-270m if present)")
@@ -102,23 +110,33 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2,
                     help="threads for the multi-threaded runs (torch threads for ours, row split for C)")
     ap.add_argument("--imatrix", action="store_true", help="also pass a random positive importance matrix")
-    ap.add_argument("--repeat", type=int, default=1, help="best of N timings")
+    ap.add_argument("--no-torch", action="store_true", help="leave out lowbit's (slow) torch path")
+    ap.add_argument("--repeat", type=int, default=3, help="best of N timings")
     ap.add_argument("--skip", default="", help="regex of tensor names to leave out")
     ap.add_argument("--out", default="outputs/bench_gguf_quant.json")
     args = ap.parse_args()
 
+    from lowbit.kernels.cpu import build
+    from lowbit.kernels.ggml import backend, quantize_ggml
     from lowbit.testing import ggml_oracle
     try:
         oracle = ggml_oracle.load()
     except ggml_oracle.OracleUnavailable as e:
         print(f"cannot build the llama.cpp reference quantizer: {e}", file=sys.stderr)
         return 2
+    if backend() != "cpp":
+        print("the C++ CPU kernels are not available (no compiler, or LOWBIT_KERNELS=reference)", file=sys.stderr)
+        return 2
+    isa = torch.ops.lowbit_cpu.ggml_isa()
+    print(f"lowbit C++ path: {isa} (LOWBIT_CPU_ISA={os.environ.get('LOWBIT_CPU_ISA', '') or 'auto'}; "
+          f"this CPU supports {build.supported_isas()})")
 
     tensors, mp, source = load_tensors(args)
     types = tensor_types({n: tuple(t.shape) for n, t in tensors.items()}, args.ftype, mp,
                          has_imatrix=args.imatrix)
     rng = np.random.default_rng(0)
     nt = args.threads
+    impls = ["cpp", "c"] if args.no_torch else ["cpp", "torch", "c"]
     rows, skipped = [], []
     for name, qtype in types.items():
         if qtype not in gq.SUPPORTED_TYPES or (args.skip and re.search(args.skip, name)):
@@ -128,50 +146,61 @@ def main() -> int:
         xn = w.float().contiguous().numpy()
         qw = (rng.random(w.shape[-1]) * rng.random(w.shape[-1]) + 1e-3).astype(np.float32) if args.imatrix else None
         qwt = None if qw is None else torch.from_numpy(qw)
-        torch.set_num_threads(1)
-        x32 = torch.from_numpy(xn)  # both sides get the same fp32 values (bf16 -> fp32 is not timed)
-        o1_wall, o1_cpu, ours = timed(lambda: gq.quantize(x32, qtype, qwt), args.repeat)
-        torch.set_num_threads(nt)
-        on_wall, _, ours_n = timed(lambda: gq.quantize(x32, qtype, qwt), args.repeat) if nt > 1 else (o1_wall, 0, ours)
-        c1_wall, c1_cpu, ref = timed(lambda: oracle.quantize(xn, qtype, qw, nthread=1), args.repeat)
-        cn_wall, _, _ = timed(lambda: oracle.quantize(xn, qtype, qw, nthread=nt), args.repeat) if nt > 1 else (
-            c1_wall, 0, None)
-        same = bool(np.array_equal(ours.numpy(), ref) and np.array_equal(ours_n.numpy(), ref))
-        rows.append({"tensor": name, "shape": list(w.shape), "type": qtype, "numel": w.numel(),
-                     "ours_1t_cpu_ms": o1_cpu, "c_1t_cpu_ms": c1_cpu, "ours_1t_ms": o1_wall, "c_1t_ms": c1_wall,
-                     f"ours_{nt}t_ms": on_wall, f"c_{nt}t_ms": cn_wall, "identical": same})
-        print(f"{name:30s} {str(tuple(w.shape)):14s} {qtype:5s} CPU ms: ours {o1_cpu:8.1f} C {c1_cpu:8.1f} "
-              f"({o1_cpu / c1_cpu:4.2f})  wall ms: ours {nt}t {on_wall:8.1f} C 1t {c1_wall:8.1f} C {nt}t {cn_wall:8.1f}"
-              f"  {'==' if same else 'DIFFERENT'}", flush=True)
+        x32 = torch.from_numpy(xn)  # every side gets the same fp32 values (bf16 -> fp32 is not timed)
+        fns = {"cpp": lambda: quantize_ggml(x32, qtype, qwt), "torch": lambda: gq.quantize(x32, qtype, qwt),
+               "c": lambda threads: oracle.quantize(xn, qtype, qw, nthread=threads)}
+        row = {"tensor": name, "shape": list(w.shape), "type": qtype, "numel": w.numel()}
+        outs = {}
+        for impl in impls:
+            for threads in (1, nt) if nt > 1 else (1,):
+                torch.set_num_threads(threads)
+                fn = (lambda t=threads: fns["c"](t)) if impl == "c" else fns[impl]
+                wall, cpu, out = timed(fn, args.repeat)
+                row[f"{impl}_{threads}t_ms"] = wall
+                if threads == 1:
+                    row[f"{impl}_1t_cpu_ms"] = cpu
+                outs[(impl, threads)] = _as_np(out)
+            if nt == 1:
+                row[f"{impl}_{nt}t_ms"] = row[f"{impl}_1t_ms"]
+        ref = outs[("c", 1)]
+        row["identical"] = all(np.array_equal(o, ref) for o in outs.values())
+        rows.append(row)
+        tail = f" torch {row['torch_1t_cpu_ms']:8.1f}" if "torch" in impls else ""
+        print(f"{name:30s} {str(tuple(w.shape)):14s} {qtype:5s} CPU ms 1t: C++ {row['cpp_1t_cpu_ms']:7.1f}{tail} "
+              f"C {row['c_1t_cpu_ms']:8.1f} ({row['cpp_1t_cpu_ms'] / row['c_1t_cpu_ms']:5.3f})  wall ms {nt}t: "
+              f"C++ {row[f'cpp_{nt}t_ms']:7.1f} C {row[f'c_{nt}t_ms']:8.1f}  {'==' if row['identical'] else 'DIFFERENT'}",
+              flush=True)
 
-    keys = ["ours_1t_cpu_ms", "c_1t_cpu_ms", "ours_1t_ms", "c_1t_ms", f"ours_{nt}t_ms", f"c_{nt}t_ms"]
+    keys = [k for k in rows[0] if k.endswith("_ms")] if rows else []
 
     def totals(sel):
         sub = [r for r in rows if sel(r)]
         t = {"tensors": len(sub), "numel": sum(r["numel"] for r in sub)}
         t.update({k: sum(r[k] for r in sub) for k in keys})
-        t["ratio_cpu_ours_over_c_1t"] = t["ours_1t_cpu_ms"] / t["c_1t_cpu_ms"]
-        t[f"ratio_wall_ours_{nt}t_over_c_1t"] = t[f"ours_{nt}t_ms"] / t["c_1t_ms"]
-        t[f"ratio_wall_ours_{nt}t_over_c_{nt}t"] = t[f"ours_{nt}t_ms"] / t[f"c_{nt}t_ms"]
+        for impl in impls[:-1]:
+            t[f"ratio_cpu_1t_{impl}_over_c"] = t[f"{impl}_1t_cpu_ms"] / t["c_1t_cpu_ms"]
+            t[f"ratio_wall_{nt}t_{impl}_over_c"] = t[f"{impl}_{nt}t_ms"] / t[f"c_{nt}t_ms"]
         return t
 
     per_type = {t: totals(lambda r, t=t: r["type"] == t) for t in sorted({r["type"] for r in rows})}
     summary = totals(lambda r: True)
     summary["all_identical"] = all(r["identical"] for r in rows)
 
-    print(f"\n{'type':6s} {'tensors':>7s} {'Mvalues':>8s} | {'CPU ours':>9s} {'CPU C':>9s} {'ratio':>6s} | "
-          f"{f'ours {nt}t':>9s} {'C 1t':>9s} {f'C {nt}t':>9s} {'/C 1t':>6s} {f'/C {nt}t':>6s}   (ms)")
+    cols = [("C++", "cpp")] + ([("torch", "torch")] if "torch" in impls else []) + [("C", "c")]
+    print(f"\n{'type':6s} {'tensors':>7s} {'Mvalues':>8s} | CPU ms, 1 thread: " + " ".join(f"{c:>8s}" for c, _ in cols)
+          + f" {'C++/C':>6s} | wall ms, {nt} threads: " + " ".join(f"{c:>8s}" for c, _ in cols) + f" {'C++/C':>6s}")
     for t, v in list(per_type.items()) + [("total", summary)]:
-        print(f"{t:6s} {v['tensors']:7d} {v['numel'] / 1e6:8.1f} | {v['ours_1t_cpu_ms']:9.1f} {v['c_1t_cpu_ms']:9.1f} "
-              f"{v['ratio_cpu_ours_over_c_1t']:6.2f} | {v[f'ours_{nt}t_ms']:9.1f} {v['c_1t_ms']:9.1f} "
-              f"{v[f'c_{nt}t_ms']:9.1f} {v[f'ratio_wall_ours_{nt}t_over_c_1t']:6.2f} "
-              f"{v[f'ratio_wall_ours_{nt}t_over_c_{nt}t']:6.2f}")
-    print(f"bytes identical to llama.cpp: {summary['all_identical']}")
+        print(f"{t:6s} {v['tensors']:7d} {v['numel'] / 1e6:8.1f} | {'':18s}"
+              + " ".join(f"{v[f'{k}_1t_cpu_ms']:8.1f}" for _, k in cols) + f" {v['ratio_cpu_1t_cpp_over_c']:6.3f} | "
+              + f"{'':18s}" + " ".join(f"{v[f'{k}_{nt}t_ms']:8.1f}" for _, k in cols)
+              + f" {v[f'ratio_wall_{nt}t_cpp_over_c']:6.3f}")
+    print(f"bytes identical to llama.cpp: {summary['all_identical']}  (C++ path: {isa})")
     if skipped:
         print(f"not timed (type not implemented here or skipped): {len(skipped)} tensors, e.g. {skipped[:3]}")
 
     meta = {"source": source, "ftype": args.ftype, "imatrix": args.imatrix, "threads": args.threads,
-            "repeat": args.repeat, "llama_cpp_python_sdist": oracle.version, "torch": torch.__version__,
+            "repeat": args.repeat, "cpp_isa": isa, "supported_isas": build.supported_isas(), "impls": impls,
+            "llama_cpp_python_sdist": oracle.version, "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
     out = Path(args.out)

@@ -13,10 +13,13 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 _STATE: dict = {}
-# torch glue, then one file per ISA (nf4_kernels.h between them); ninja tracks the headers
-SOURCES = ("nf4_cpu.cpp", "nf4_scalar.cpp", "nf4_avx2.cpp", "nf4_avx512.cpp")
+# torch glue, then one file per ISA (nf4_kernels.h between them); ninja tracks the headers.
+# The GGUF quantizers likewise: glue, then ggml_quant_body.h compiled once per ISA.
+SOURCES = ("nf4_cpu.cpp", "nf4_scalar.cpp", "nf4_avx2.cpp", "nf4_avx512.cpp",
+           "ggml_quant.cpp", "ggml_quant_scalar.cpp", "ggml_quant_avx2.cpp", "ggml_quant_avx512.cpp")
 # -ffp-contract=off: no a*b+c may become an FMA inside the AVX2/AVX-512 functions, or
-# dequantize/quantize would stop rounding exactly like the reference
+# dequantize/quantize (and the GGUF quantizers' byte equality with llama.cpp) would stop
+# rounding exactly like the reference
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
 
 
