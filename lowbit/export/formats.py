@@ -16,7 +16,8 @@ from lowbit.export.gguf_writer import export_gguf
 from lowbit.export.imatrix import compute_imatrix, read_imatrix
 from lowbit.export.merge import _logits, _probe_ids, load_adapter_model, merge, merge_into_dense, resolve_adapter
 from lowbit.methods.loftq import LOFTQ_BASE_FILE
-from lowbit.models.gguf_arch import GEMMAS, GGUF_ARCHS, gguf_tensors
+from lowbit.methods.qat import gguf as gguf_qat
+from lowbit.models.gguf_arch import family, gguf_layout, gguf_tensors, hf_tensors
 from lowbit.utils.io import atomic_dir
 from lowbit.utils.run_record import RUN_FILE
 
@@ -113,12 +114,14 @@ def verify_bnb4(out, model, tok, blocksize: int = 64) -> dict:
             "bnb_vs_dense_max_abs_logit_diff": (got - dense).abs().max().item()}
 
 
-def export_gguf_file(source, out, *, base=None, gguf_type: str = "F16", overwrite: bool = False, verify: bool = True,
+def export_gguf_file(source, out, *, base=None, gguf_type: str | None = "F16", overwrite: bool = False, verify: bool = True,
                      progress: bool = True, imatrix=None, calibration=None) -> dict:
     """Dense model (merged from an adapter when given one) → GGUF; `imatrix` (a llama-imatrix file) or
     `calibration` (text to compute one from) weighs the k-quants' errors as llama-quantize does."""
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    # a GGUF QAT run exports its saved dense weights (exactly the trained codes); no type given = the trained one
+    source, gguf_type = gguf_qat.export_source(source, gguf_type)
     if imatrix is not None and calibration is not None:
         raise ConfigError("give --imatrix FILE or --calibration TEXT, not both")
     model, tok, info = dense_source(source, base, progress)
@@ -126,8 +129,8 @@ def export_gguf_file(source, out, *, base=None, gguf_type: str = "F16", overwrit
     if imatrix is not None:
         weights = read_imatrix(imatrix)
     elif calibration is not None:
-        names = {hf: g for (g, _), hf in zip(gguf_tensors(model, GGUF_ARCHS.get(model.config.model_type, "LLAMA")),
-                                               _hf_names(model), strict=True)}
+        family(model)  # an unsupported family fails here, before the calibration run
+        names = {hf: pieces[0][0] for hf, pieces in gguf_layout(model) if len(pieces) == 1}
         weights = compute_imatrix(model, tok, calibration, names, progress=progress)
     rep = export_gguf(model, tok, out, gguf_type, overwrite=overwrite, progress=progress, imatrix=weights)
     report = {"format": "gguf", **info, **rep}
@@ -137,60 +140,89 @@ def export_gguf_file(source, out, *, base=None, gguf_type: str = "F16", overwrit
 
 
 def gguf_reference(model, gguf_path):
-    """A copy of `model` holding exactly the weights the GGUF file decodes to (undoing permute / +1)."""
+    """A copy of `model` holding exactly the weights the GGUF file decodes to (the family's inverse conventions
+    undo permutes / norm offsets / splits); towers the GGUF does not hold keep the model's weights."""
     import copy
 
     import gguf
     reader = gguf.GGUFReader(str(gguf_path))
-    stored = {t.name: t for t in reader.tensors}
+    stored = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()) for t in reader.tensors}
     ref = copy.deepcopy(model)
-    arch_key = GGUF_ARCHS[model.config.model_type]
-    names = {}
-    for (gname, _), hf_name in zip(gguf_tensors(model, arch_key), _hf_names(model), strict=True):
-        names[hf_name] = gname
     sd = ref.state_dict()
-    cfg = model.config
-    for hf_name, gname in names.items():
-        t = stored[gname]
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float().reshape(sd[hf_name].shape)
-        if arch_key == "LLAMA" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            n_kv = cfg.num_attention_heads if hf_name.endswith("q_proj.weight") else cfg.num_key_value_heads
-            w = _unpermute(w, n_kv)
-        if arch_key in GEMMAS and hf_name.endswith("norm.weight"):
-            w = w - 1
-        with torch.no_grad():
+    with torch.no_grad():
+        for hf_name, w in hf_tensors(model, stored).items():
             sd[hf_name].copy_(w)
     return ref, reader
 
 
 def _hf_names(model):
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    return [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
+    return [hf for hf, _ in gguf_layout(model)]
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _gguf_names(model):
+    return [g for g, _ in gguf_tensors(model)]
+
+
+# model_types whose GGUF transformers' loader (modeling_gguf_pytorch_utils) rebuilds as the same model; the
+# others are checked through gguf-py alone (mixtral: it reads a LLAMA file as dense llama; gpt-oss: its reader
+# of the rope.scaling keys fails on any file that has them)
+TRANSFORMERS_GGUF = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt2")
+
+
+# config settings transformers' GGUF loader must rebuild as the model has them for its logits to be comparable
+_LOADER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "moe_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+                "n_positions", "vocab_size", "query_pre_attn_scalar", "sliding_window", "final_logit_softcapping",
+                "attn_logit_softcapping")
+
+
+def _loader_config_mismatch(model, loaded) -> str:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    loaded = getattr(loaded, "text_config", None) or loaded
+    diffs = [f"{k}={getattr(loaded, k)!r} (model: {getattr(cfg, k)!r})" for k in _LOADER_KEYS
+             if hasattr(cfg, k) and hasattr(loaded, k) and getattr(cfg, k) != getattr(loaded, k)]
+    kinds = [(getattr(c, "rope_parameters", None) or {}).get("rope_type", "default") for c in (cfg, loaded)]
+    if kinds[0] != kinds[1]:  # e.g. llama3 rope scaling, which llama.cpp reads from rope_freqs
+        diffs.append(f"rope_type={kinds[1]!r} (model: {kinds[0]!r})")
+    return ", ".join(diffs)
 
 
 def verify_gguf(out, model, tok, gguf_type: str) -> dict:
-    """Read back with gguf.GGUFReader and transformers' GGUF loader; logits must match the decoded weights."""
-    from transformers import AutoModelForCausalLM
+    """Read back with gguf.GGUFReader (decoded through the family's inverse conventions) and, where it knows
+    the family, transformers' GGUF loader; its logits must match the decoded weights'."""
     out = Path(out)
     ref, reader = gguf_reference(model, out)
-    if len(reader.tensors) != len(_hf_names(model)):
-        raise RuntimeError(f"{out} holds {len(reader.tensors)} tensors, expected {len(_hf_names(model))}")
-    g = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    want_names = _gguf_names(model)
+    if sorted(t.name for t in reader.tensors) != sorted(want_names):
+        raise ExportCheckError(f"{out} holds {len(reader.tensors)} tensors, expected {len(want_names)}")
     ids = _probe_ids(tok)
-    got, want, dense = _logits(g, ids), _logits(ref.eval(), ids), _logits(model, ids)
+    want, dense = _logits(ref.eval(), ids), _logits(model, ids)
+    report = {"gguf_decoded_vs_dense_max_abs_logit_diff": (want - dense).abs().max().item()}
+    if gguf_type == "F32" and report["gguf_decoded_vs_dense_max_abs_logit_diff"] > 1e-4 * max(dense.abs().max().item(), 1):
+        raise ExportCheckError(f"{out} (F32) decodes to a model whose logits differ from the source by "
+                               f"{report['gguf_decoded_vs_dense_max_abs_logit_diff']:.3g}; the layout conventions of "
+                               f"{model.config.model_type} are wrong — report this with the model's config")
+    if model.config.model_type not in TRANSFORMERS_GGUF:
+        report["transformers_gguf_load"] = f"skipped: transformers' GGUF loader does not read {model.config.model_type}"
+        return report
+    from transformers import AutoConfig, AutoModelForCausalLM
+    differs = _loader_config_mismatch(model, AutoConfig.from_pretrained(out.parent, gguf_file=out.name))
+    if differs:  # e.g. a head_dim it does not read from the file: its model would not be this one
+        report["transformers_gguf_load"] = f"skipped: transformers' GGUF loader would rebuild {differs}"
+        return report
+    g = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    got = _logits(g, ids)
     diff = (got - want).abs().max().item()
     if diff > 1e-3 * max(want.abs().max().item(), 1.0):
-        raise RuntimeError(f"transformers' GGUF load of {out} differs from the file's decoded weights by {diff:.3g}")
-    return {"gguf_reload_vs_decoded_max_abs_logit_diff": diff,
-            "gguf_vs_dense_max_abs_logit_diff": (got - dense).abs().max().item()}
+        raise ExportCheckError(f"transformers' GGUF load of {out} differs from the file's decoded weights by "
+                               f"{diff:.3g}; the file is kept for inspection")
+    report["transformers_gguf_load"] = "ok"
+    report.update({"gguf_reload_vs_decoded_max_abs_logit_diff": diff,
+                   "gguf_vs_dense_max_abs_logit_diff": (got - dense).abs().max().item()})
+    return report
 
 
-def export(source, out, fmt: str, *, base=None, gguf_type: str = "F16", dtype: str = "bfloat16",
+def export(source, out, fmt: str, *, base=None, gguf_type: str | None = "F16", dtype: str = "bfloat16",
            overwrite: bool = False, verify: bool = True, progress: bool = True, imatrix=None,
            calibration=None) -> dict:
     if fmt not in FORMATS:

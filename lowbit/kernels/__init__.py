@@ -47,19 +47,24 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 _WORKSPACE: dict = {}
 
 
-def dequantize_to_workspace(q: Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_to_workspace(q: Quantized4bit, dtype: torch.dtype, extra_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize into a reused buffer (CPU): a fresh multi-MB tensor per layer and step
     costs more in page faults than the dequantization itself. The result is only valid
-    until the next call, so it is used at once and never saved for backward."""
+    until the next call, so it is used at once and never saved for backward.
+    `extra_rows` ([r, in]) are copied below the weight: one matmul then serves both."""
     if q.device.type != "cpu":
         return torch.ops.lowbit.dequantize_4bit(*state_args(q), dtype)
     n = q.numel
+    extra = 0 if extra_rows is None else extra_rows.numel()
     buf = _WORKSPACE.get(dtype)
-    if buf is None or buf.numel() < n:
-        buf = _WORKSPACE[dtype] = torch.empty(n, dtype=dtype)
+    if buf is None or buf.numel() < n + extra:
+        buf = _WORKSPACE[dtype] = torch.empty(n + extra, dtype=dtype)
     w = buf[:n].view(q.shape)
     torch.ops.lowbit.dequantize_4bit_into(*state_args(q), w)
-    return w
+    if extra_rows is None:
+        return w
+    buf[n:n + extra].view(extra_rows.shape).copy_(extra_rows)
+    return buf[:n + extra].view(q.shape[0] + extra_rows.shape[0], q.shape[1])
 
 
 class _MatMul4bit(torch.autograd.Function):
@@ -88,4 +93,68 @@ def matmul_4bit(x: torch.Tensor, q: Quantized4bit, bias: torch.Tensor | None = N
     return _MatMul4bit.apply(x, q, bias)
 
 
-__all__ = ["GEMV_MAX_ROWS", "dequantize_4bit", "ensure_backends", "matmul_4bit", "ops", "quantize_4bit"]
+class _LoraMatMul4bit(torch.autograd.Function):
+    """x @ deq(W).T + bias + s * (x*mask) @ A.T @ B.T in one autograd node (W frozen; A, B trainable).
+
+    What peft's unfused LoRA costs on top of the base matmul is mostly passes over activations:
+    a dropout copy per adapter (kept for backward), the scaled product, the sum, and a second sum
+    in backward. Here the sum is the matmul's own accumulation (addmm, beta=1), dropout is a bool
+    mask (its 1/(1-p) folded into s), and without dropout the adapter's A rides in the base
+    matmul: x @ [W; A].T, one pass over x. Only for same-dtype x and adapters (fp32 compute):
+    with bf16 compute the adapters stay fp32 as in peft, so there is nothing to fuse."""
+
+    @staticmethod
+    def forward(ctx, x, q, bias, lora_a, lora_b, scale, mask):
+        out = q.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        xd = x2 if mask is None else x2 * mask.reshape(x2.shape)
+        if mask is None:
+            yu = torch.nn.functional.linear(x2, dequantize_to_workspace(q, x.dtype, lora_a))
+            y, u = yu[:, :out], yu[:, out:]
+        else:
+            y, u = torch.nn.functional.linear(x2, dequantize_to_workspace(q, x.dtype)), xd @ lora_a.t()
+        if bias is not None:
+            y = y + bias
+        res = torch.addmm(y, u, lora_b.t(), alpha=scale)
+        ctx.q, ctx.scale = q, scale
+        ctx.save_for_backward(x, mask, lora_a, lora_b, u.contiguous())
+        return res.view(*x.shape[:-1], out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mask, lora_a, lora_b, u = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_u = (g @ lora_b).mul_(ctx.scale)
+        grad_b = (g.t() @ u).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
+        grad_a = None
+        if ctx.needs_input_grad[3]:
+            grad_a = grad_u.t() @ (x2 if mask is None else x2 * mask.reshape(x2.shape))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if mask is None:  # [g | grad_u] @ [W; A] as two accumulating matmuls: no concatenated copy
+                grad_x = g @ dequantize_to_workspace(ctx.q, g.dtype)
+                grad_x.addmm_(grad_u, lora_a)
+            else:
+                grad_x = (g @ dequantize_to_workspace(ctx.q, g.dtype)).addcmul_(grad_u @ lora_a, mask.reshape(x2.shape))
+            grad_x = grad_x.view(x.shape)
+        grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def lora_fusable(x: torch.Tensor, q: Quantized4bit, lora_a: torch.Tensor) -> bool:
+    """Whether `lora_matmul_4bit` applies: CPU, same dtype for x and the adapters, more rows than the gemv path."""
+    return (x.device.type == "cpu" and q.device.type == "cpu" and x.dtype == lora_a.dtype
+            and x.numel() // x.shape[-1] > GEMV_MAX_ROWS)
+
+
+def lora_matmul_4bit(x: torch.Tensor, q: Quantized4bit, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ deq(W).T + bias + scale * ((x * mask) @ A.T) @ B.T (mask: bool dropout keep-mask or None);
+    call only where `lora_fusable`."""
+    ensure_backends()
+    return _LoraMatMul4bit.apply(x, q, bias, lora_a, lora_b, scale, mask)
+
+
+__all__ = ["GEMV_MAX_ROWS", "dequantize_4bit", "ensure_backends", "lora_fusable", "lora_matmul_4bit", "matmul_4bit",
+           "ops", "quantize_4bit"]

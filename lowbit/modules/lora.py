@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.kernels import lora_fusable, lora_matmul_4bit
 from lowbit.modules.linear4bit import Linear4bit
 from lowbit.modules.moe4bit import Experts4bit
 from lowbit.modules.structure import experts_modules, lora_excluded, lora_exclusion
@@ -29,6 +30,29 @@ def _lora_linear4bit_cls():
 
     class LoraLinear4bit(LoraLinear):
         """peft LoRA layer over a lowbit `Linear4bit` base."""
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            name = self._fused_adapter(x, args, kwargs)
+            if name is None:
+                return super().forward(x, *args, **kwargs)
+            base, a, b = self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight
+            drop = self.lora_dropout[name]
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            mask = keep_mask(x.shape, p, x.device) if p else None
+            bias = None if base.bias is None else base.bias.to(base.compute_dtype)
+            return lora_matmul_4bit(x, base.quant, bias, a, b, self.scaling[name] / (1 - p), mask)
+
+        def _fused_adapter(self, x, args, kwargs) -> str | None:
+            """The one plain adapter the fused path can run, else None (peft's own forward)."""
+            if not FUSED["enabled"] or args or kwargs or self.disable_adapters or self.merged:
+                return None
+            names = [n for n in self.active_adapters if n in self.lora_A]
+            if len(names) != 1 or names[0] in self.lora_variant or self.lora_bias[names[0]]:
+                return None
+            base, a = self.get_base_layer(), self.lora_A[names[0]].weight
+            if x.dtype != base.compute_dtype or not lora_fusable(x, base.quant, a):
+                return None
+            return names[0]
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -121,6 +145,18 @@ def _lora_experts4bit_cls():
 
 
 _CUSTOM = {}
+# the fused LoRA forward (lowbit.kernels.lora_matmul_4bit); off = peft's own Linear.forward
+FUSED = {"enabled": True}
+_KEEP_BITS = 31  # int32 random_() draws uniformly from [0, 2**31)
+
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """Dropout keep-mask: each entry kept with probability 1 - p (to 2**-31), drawn from torch's generator.
+
+    Comparing int32 draws against p * 2**31 costs about half of `bernoulli_` on CPU (no float
+    conversion), and the mask is bool (1 byte) where nn.Dropout keeps a scaled copy of its input."""
+    r = torch.empty(shape, dtype=torch.int32, device=device).random_()
+    return r >= round(p * 2 ** _KEEP_BITS)
 
 
 def lora_layer_class():
@@ -267,11 +303,13 @@ def load_adapter(model: nn.Module, adapter_dir, is_trainable: bool = False):
     return PeftModel.from_pretrained(model, str(adapter_dir), config=cfg, is_trainable=is_trainable)
 
 
-def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True,
+                              checkpoint_layers: int | None = None) -> nn.Module:
     """Freeze the base, let gradients reach LoRA through checkpointed blocks.
 
     Unlike peft's helper we do not upcast embeddings/lm_head/norms to fp32: on a 262k
     vocabulary that alone costs ~1 GB and the fp32 logits are computed in chunks instead.
+    `checkpoint_layers`: checkpoint only that many decoder layers, evenly spaced (None: all).
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -281,5 +319,23 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
             model.enable_input_require_grads()
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
+        if checkpoint_layers is not None:
+            set_checkpointed_layers(model, checkpoint_layers)
     return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers transformers checkpoints (its GradientCheckpointingLayer blocks), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: nn.Module, n: int) -> list[int]:
+    """Checkpoint `n` evenly spaced decoder layers and run the rest plainly; returns their indices."""
+    layers = decoder_layers(model)
+    n = max(0, min(int(n), len(layers)))
+    chosen = sorted({i * len(layers) // n for i in range(n)}) if n else []
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return chosen
 

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from lowbit import config as engine
 from lowbit.config import option
+from lowbit.errors import ConfigError
 from lowbit.recipes.checks import check_run
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -47,7 +48,8 @@ class LoftQConfig:
     """LoftQ initialization (lora.init=loftq)."""
     iters: int = option(5, help="alternations of quantize and rank-r SVD", ge=1)
     svd: Literal["lowrank", "full"] = option("lowrank", help="lowrank: randomized SVD (fast); full: exact")
-    calibration: str | None = option(None, help="text file → activation-aware LoftQ; none → weight-space LoftQ")
+    calibration: str | None = option(None, help="text file or `lowbit generate` output folder (data-free) → "
+                                     "activation-aware LoftQ; none → weight-space LoftQ")
     calibration_samples: int = option(64, help="calibration sequences", ge=1)
     calibration_seq_len: int = option(256, help="tokens per calibration sequence", ge=2)
     damp: float = option(0.01, help="ridge added to the activation moment, relative to its mean diagonal", gt=0)
@@ -135,12 +137,22 @@ class TrainConfig:
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = option(
         "adamw_torch", help="paged variants page to CPU on CUDA; on CPU they run as their non-paged twins")
     gradient_checkpointing: bool = option(True, help="recompute decoder layers in backward (less memory)")
+    checkpoint_layers: Literal["auto", "all"] | int = option(
+        "auto", help="with gradient_checkpointing: auto = only as many decoder layers as the activation budget "
+        "requires (memory estimator; each layer not recomputed saves its forward again), all = every layer, N = N "
+        "evenly spaced layers", ge=0)
+    activation_budget_gb: float | None = option(None, help="activations the auto checkpoint policy may keep (default: "
+                                                "half the memory available at start)", gt=0)
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)", ge=0)
     logging_steps: int = option(1, help="log every N steps", ge=1)
     save_steps: int = option(0, help="checkpoint every N steps (0: only the final adapter)", ge=0)
     save_total_limit: int = option(2, help="checkpoints kept (newest complete ones)", ge=1)
     resume_from: str = option("none", help="none | auto (latest complete checkpoint) | a checkpoint folder")
     loss_chunk_tokens: int = option(256, help="tokens per vocabulary-projection chunk of the loss", ge=1)
+    loss_grad_filter: Literal["auto", "off"] | float = option(
+        "auto", help="skip d(loss)/dh vocabulary blocks whose softmax entries are all below this (Cut Cross-Entropy's "
+        "filter, 2**-12 there; changes the gradient). auto = off: on Gemma-3-270M a threshold that keeps the gradient "
+        "within fp32/bf16 rounding skips under 3% of blocks", ge=0)
     report_to: list[Reporter] = option(default_factory=lambda: ["jsonl", "tensorboard"],
                                        help="metric sinks: jsonl (logs.jsonl) and/or tensorboard (runs/)")
 
@@ -172,6 +184,13 @@ class DistillSection:
         "online", help="online: run the teacher on each batch; offline: top-k logits stored by lowbit generate")
     temperature: float = option(1.0, help="softmax temperature of both distributions", gt=0)
     alpha: float = option(1.0, help="weight of the KL term; (1 - alpha) weighs next-token cross entropy", ge=0, le=1)
+    top_k: int = option(0, help="online: keep the teacher's top-k tokens per position (renormalised); 0 = all", ge=0)
+    hidden_weight: float = option(0.0, help="weight of per-layer hidden-state matching added to the KL (online "
+                                  "teacher of the student's architecture, e.g. NF4 repair); 0 = off", ge=0)
+    hidden_layers: list[int] = option(default_factory=list, help="hidden states to match (0 = embeddings, i = "
+                                      "block i's output); empty = every block")
+    hidden_loss: Literal["mse", "cosine"] = option("mse", help="mse: squared error relative to the teacher's norm; "
+                                                   "cosine: 1 - cosine similarity per token")
 
     @property
     def enabled(self) -> bool:
@@ -181,6 +200,15 @@ class DistillSection:
     @property
     def online(self) -> bool:
         return bool(self.teacher) and self.source == "online"
+
+    def validate(self, where: str = "") -> None:
+        if (self.hidden_weight or self.top_k) and not self.online:
+            what = "hidden_weight" if self.hidden_weight else "top_k"
+            raise ConfigError(f"{where}.{what} needs an online teacher ({where}.teacher set, {where}.source=online): "
+                              "stored top-k logits carry no hidden states and are already truncated")
+        if any(i < 0 for i in self.hidden_layers):
+            raise ConfigError(f"{where}.hidden_layers must be indices >= 0 (0 = embeddings, i = block i), got "
+                              f"{self.hidden_layers}")
 
 
 @dataclass

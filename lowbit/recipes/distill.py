@@ -4,7 +4,10 @@ next-token cross entropy, computed in token chunks so a 262k vocabulary never ma
 
     loss = alpha * T^2 * mean_tokens KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, labels)
 
-The T^2 factor keeps the KD gradient scale independent of T (Hinton et al., 2015).
+The T^2 factor keeps the KD gradient scale independent of T (Hinton et al., 2015). Two options on
+top (online teacher only): `top_k` keeps the teacher's k most likely tokens per position
+(renormalised, as the offline path), and `hidden_weight` adds the per-layer hidden-state loss of
+`distill_hidden` (same architecture: NF4 repair of the teacher itself).
 
 Teacher, either
 - online: its final hidden states and lm_head weight (the full-precision model run on the
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lowbit.errors import ConfigError
+from lowbit.recipes.distill_hidden import decoder_states, hidden_state_loss
 from lowbit.recipes.loss import hidden_and_head
 from lowbit.utils.batching import IGNORE_INDEX
 from lowbit.utils.modules import unwrap_peft
@@ -33,10 +37,12 @@ def _logits(h, w, softcap):
     return torch.tanh(z / softcap) * softcap if softcap else z
 
 
-def _chunk_loss(h, w, softcap, y, th, tw, tsoftcap, tv, ti, temperature: float, alpha: float):
+def _chunk_loss(h, w, softcap, y, th, tw, tsoftcap, tv, ti, temperature: float, alpha: float, top_k: int = 0):
     z = _logits(h, w, softcap)
     logq = torch.log_softmax(z / temperature, dim=-1)
     with torch.no_grad():
+        if tv is None and top_k:  # online, truncated: the teacher's top-k, then as the offline path
+            tv, ti = _logits(th, tw, tsoftcap).topk(top_k, dim=-1)
         logp = torch.log_softmax((_logits(th, tw, tsoftcap) if tv is None else tv.float()) / temperature, dim=-1)
         p = logp.exp()
     if ti is not None:
@@ -64,13 +70,14 @@ def kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, *, label
             teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
             topk_values: torch.Tensor | None = None, topk_indices: torch.Tensor | None = None,
             temperature: float = 1.0, alpha: float = 1.0, chunk_tokens: int = 256,
-            student_softcap: float | None = None, teacher_softcap: float | None = None) -> torch.Tensor:
+            student_softcap: float | None = None, teacher_softcap: float | None = None, top_k: int = 0) -> torch.Tensor:
     """Mean KD(+CE) loss over N positions (fp32 scalar).
 
     student_hidden [N, H] and student_weight [V, H] give the student logits (one chunk at a
     time); the teacher is teacher_hidden [N, Ht] + teacher_weight [V, Ht] (online) or
     topk_values/topk_indices [N, K] (offline). labels [N] are needed when alpha < 1.
     Rows are positions already shifted and filtered (see `distill_loss` for a model batch).
+    top_k > 0 (online only) keeps the teacher's top-k logits per position.
     """
     online = teacher_hidden is not None
     if online == (topk_values is not None):
@@ -80,6 +87,9 @@ def kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, *, label
         raise ConfigError(f"distillation needs temperature > 0 and 0 <= alpha <= 1, got {temperature}, {alpha}")
     if alpha < 1 and labels is None:
         raise ValueError("alpha < 1 mixes in cross entropy: pass labels")
+    if top_k < 0 or (top_k and not online):
+        raise ConfigError(f"distill.top_k={top_k}: needs an online teacher and top_k >= 0 (offline data already holds "
+                          "the stored top-k)")
     V = student_weight.shape[0]
     check_vocab(V, teacher_weight.shape[0] if online else None, None if online else topk_indices)
     n = student_hidden.shape[0]
@@ -89,7 +99,8 @@ def kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, *, label
         sl = slice(i, i + chunk_tokens)
         args = (student_hidden[sl], student_weight, student_softcap, None if labels is None else labels[sl],
                 teacher_hidden[sl] if online else None, teacher_weight, teacher_softcap,
-                None if online else topk_values[sl], None if online else topk_indices[sl], temperature, alpha)
+                None if online else topk_values[sl], None if online else topk_indices[sl], temperature, alpha,
+                min(top_k, V))
         # checkpoint: keep only the chunk's inputs, rebuild its [chunk, V] logits in backward
         total = total + (checkpoint(_chunk_loss, *args, use_reentrant=False) if grad else _chunk_loss(*args))
     return total / max(n, 1)
@@ -97,14 +108,31 @@ def kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, *, label
 
 def distill_loss(student, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None, *, teacher=None,
                  topk_values: torch.Tensor | None = None, topk_indices: torch.Tensor | None = None,
-                 temperature: float = 1.0, alpha: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
+                 temperature: float = 1.0, alpha: float = 1.0, chunk_tokens: int = 256, top_k: int = 0,
+                 hidden_weight: float = 0.0, hidden_layers=None, hidden_loss: str = "mse") -> torch.Tensor:
     """`kd_loss` for a batch: positions whose next-token label is -100 are left out.
 
     teacher: a full-precision model (run here without gradients), or None with
     topk_values/topk_indices [B, L-1, K] from `GeneratedDataset(with_topk=True)` + `collate`.
+    hidden_weight > 0 (online teacher of the same architecture) adds hidden_weight × `hidden_state_loss`
+    over `hidden_layers` (None/empty: every block) at the same positions.
     """
-    h, w, softcap = hidden_and_head(student, input_ids, attention_mask)
     keep = labels[:, 1:] != IGNORE_INDEX
+    if hidden_weight:
+        if teacher is None:
+            raise ConfigError("distill.hidden_weight > 0 matches the teacher's hidden states: it needs an online "
+                              "teacher (distill.teacher, distill.source=online)")
+        h, states, w, softcap = decoder_states(student, input_ids, attention_mask)
+        check_vocab(w.shape[0], head_rows(teacher))
+        with torch.no_grad():
+            th, tstates, tw, tsoftcap = decoder_states(teacher, input_ids, attention_mask)
+        hidden = hidden_state_loss([s[:, :-1] for s in states], [t[:, :-1] for t in tstates], keep, hidden_layers,
+                                   hidden_loss)
+        kd = kd_loss(h[:, :-1][keep], w, labels=labels[:, 1:][keep], teacher_hidden=th[:, :-1][keep], teacher_weight=tw,
+                     teacher_softcap=tsoftcap, temperature=temperature, alpha=alpha, chunk_tokens=chunk_tokens,
+                     student_softcap=softcap, top_k=top_k)
+        return kd + hidden_weight * hidden
+    h, w, softcap = hidden_and_head(student, input_ids, attention_mask)
     y = labels[:, 1:][keep]
     h = h[:, :-1][keep]
     kw = {}
@@ -118,7 +146,7 @@ def distill_loss(student, input_ids: torch.Tensor, labels: torch.Tensor, attenti
     else:
         raise ValueError("distill_loss needs a teacher model or stored top-k logits")
     return kd_loss(h, w, labels=y, temperature=temperature, alpha=alpha, chunk_tokens=chunk_tokens,
-                   student_softcap=softcap, **kw)
+                   student_softcap=softcap, top_k=top_k, **kw)
 
 
 def head_rows(model) -> int:

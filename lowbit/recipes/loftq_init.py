@@ -1,4 +1,7 @@
-"""`lora.init: loftq` in a training run: requantize the freshly loaded base, save it, reuse it on resume."""
+"""`lora.init: loftq` in a training run: requantize the freshly loaded base, save it, reuse it on resume.
+
+`lora.loftq.calibration` names a text file or a `lowbit generate` output folder (data-free: the
+teacher's own sequences calibrate the activation-aware fit)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from lowbit.errors import InputError
+from lowbit.methods.data_gen.dataset import GeneratedDataset
+from lowbit.methods.data_gen.shards import MANIFEST
 from lowbit.methods.loftq import (
     LOFTQ_BASE_FILE,
     LOFTQ_REPORT_FILE,
@@ -20,6 +25,7 @@ from lowbit.methods.loftq import (
     loftq_requantize,
     save_loftq_base,
 )
+from lowbit.methods.loftq.calibration import TokenSequences
 from lowbit.utils.hashing import file_sha256
 from lowbit.utils.io import write_json
 
@@ -55,7 +61,8 @@ def loftq_for_run(model: nn.Module, tok, cfg, out, resuming: bool = False, progr
     kw = dict(r=lc.r, alpha=lc.alpha, use_rslora=lc.use_rslora, target_modules=lc.target_modules, iters=lq.iters,
               svd=lq.svd, progress=progress)
     if lq.calibration:
-        result = loftq_calibrated(model, tok, cfg.model.path, lq.calibration, samples=lq.calibration_samples,
+        result = loftq_calibrated(model, tok, cfg.model.path, calibration_source(lq.calibration, tok),
+                                  samples=lq.calibration_samples,
                                   seq_len=lq.calibration_seq_len, damp=lq.damp, **kw)
     else:
         result = loftq_requantize(model, cfg.model.path, **kw)
@@ -69,6 +76,18 @@ def loftq_for_run(model: nn.Module, tok, cfg, out, resuming: bool = False, progr
         save_loftq_base(model, base_file)
         sha = file_sha256(base_file)
     return RunLoftQ(result, {**s, "base_file": LOFTQ_BASE_FILE, "base_sha256": sha, "report_file": LOFTQ_REPORT_FILE})
+
+
+def calibration_source(path, tok):
+    """A text file as it is; a `lowbit generate` output folder → its sequences (data-free calibration)."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    if not (p / MANIFEST).is_file():
+        raise InputError(f"lora.loftq.calibration {p} is a folder without {MANIFEST}; give a text file or the "
+                         "output.dir of `lowbit generate`")
+    ds = GeneratedDataset(p, tok)
+    return TokenSequences([ds[i]["input_ids"] for i in range(len(ds))], f"{p} (generated)")
 
 
 def _peak_rss_mb() -> float:

@@ -30,7 +30,7 @@ from lowbit.recipes.data import build_datasets
 from lowbit.recipes.distill import check_vocab, head_rows
 from lowbit.recipes.loftq_init import RunLoftQ, loftq_for_run
 from lowbit.recipes.loss import perplexity
-from lowbit.recipes.trainer import LowbitTrainer, method_config, method_trainer
+from lowbit.recipes.trainer import LowbitTrainer, method_config, method_trainer, resolve_checkpoint_layers
 from lowbit.utils.batching import Collator
 from lowbit.utils.hashing import model_folder_hash
 from lowbit.utils.io import atomic_dir
@@ -93,7 +93,7 @@ def model_phase(r: Run) -> None:
                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.init == "loftq":  # requantize the base in place before LoRA wraps it
         r.loftq = loftq_for_run(r.model, r.tok, cfg, r.out, resuming=r.resume is not None)
-    prepare_for_kbit_training(r.model, cfg.train.gradient_checkpointing)
+    prepare_for_kbit_training(r.model, cfg.train.gradient_checkpointing, resolve_checkpoint_layers(cfg, r.model))
     lc = cfg.lora
     r.model = add_lora(r.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
                        use_rslora=lc.use_rslora, use_dora=lc.use_dora, target_parameters=lc.target_parameters)

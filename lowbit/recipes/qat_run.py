@@ -64,7 +64,11 @@ def save_state(model, out: Path) -> Path | None:
 
 
 def save_quantized(model, tok, out: Path, global_step: int) -> Path:
-    """convert (merges LoRA into the quantized weights, in place) and save the deployment model."""
+    """convert (merges LoRA into the quantized weights, in place) and save the deployment model. A GGUF scheme
+    saves the dense weights before rounding instead: `lowbit export <run> x.gguf` turns them into the trained codes."""
     qat.set_step(model, global_step)
+    cfg = getattr(unwrap_peft(model), "lowbit_qat_config", None) or getattr(model, "lowbit_qat_config", None)
+    if cfg is not None and cfg.weight is not None and cfg.weight.dtype == "gguf":
+        return qat.save_dense(model, out / "quantized", tok)
     converted = qat.convert(model)
     return qat.save_quantized(converted, out / "quantized", tok, overwrite=True)

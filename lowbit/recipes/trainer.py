@@ -17,6 +17,63 @@ from lowbit.recipes.loss import causal_lm_loss
 from lowbit.recipes.optim import build_optimizer
 
 
+def available_memory_bytes(device=None) -> int:
+    """Memory free for this process now: the GPU's free memory, else the host's MemAvailable."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import psutil
+        return int(psutil.virtual_memory().available)
+
+
+def checkpoint_plan(model_config, *, batch: int, seq: int, compute_dtype: str, lora_r: int, lora_dropout: float,
+                    budget_bytes: int) -> dict:
+    """How many decoder layers to checkpoint so the kept activations fit `budget_bytes` (fewest first).
+
+    Checkpointing k of L layers keeps k layer inputs plus L-k layers' full activations, plus one
+    layer's recomputed activations during backward when k > 0 (the estimator's formula); every
+    layer not checkpointed saves its recompute, about a sixth of a small model's step."""
+    from lowbit.estimate.memory import DTYPE_BYTES, ModelShape, Setup, layer_activation_bytes
+    shape = ModelShape.from_config(model_config)
+    shape.config = None  # the closed formula: the meta-device probe costs seconds
+    setup = Setup(seq=seq, batch=batch, compute_dtype=compute_dtype, lora_r=lora_r, lora_dropout=lora_dropout)
+    full = layer_activation_bytes(shape, setup)
+    kept = DTYPE_BYTES[compute_dtype] * batch * seq * shape.hidden
+    n = shape.layers
+    need = {k: (n - k) * full + k * kept + (full if k else 0) for k in range(n + 1)}
+    k = next((k for k in range(n + 1) if need[k] <= budget_bytes), n)
+    return {"layers": n, "checkpointed": k, "activation_bytes": need[k], "budget_bytes": budget_bytes,
+            "per_layer_bytes": full}
+
+
+def resolve_checkpoint_layers(cfg, model) -> int | None:
+    """train.checkpoint_layers as a layer count for `prepare_for_kbit_training` (None: every layer)."""
+    t, choice = cfg.train, cfg.train.checkpoint_layers
+    if not t.gradient_checkpointing or choice == "all":
+        return None
+    if choice != "auto":
+        return int(choice)
+    dt = next((m.compute_dtype for m in model.modules() if isinstance(getattr(m, "compute_dtype", None), torch.dtype)),
+              torch.float32)
+    budget = int(t.activation_budget_gb * 2**30) if t.activation_budget_gb else \
+        available_memory_bytes(next(model.parameters()).device) // 2
+    plan = checkpoint_plan(model.config.to_dict(), batch=t.batch_size, seq=cfg.data.max_seq_len,
+                           compute_dtype=str(dt).removeprefix("torch."), lora_r=cfg.lora.r,
+                           lora_dropout=cfg.lora.dropout, budget_bytes=budget)
+    print(f"gradient checkpointing: {plan['checkpointed']} of {plan['layers']} decoder layers (activations "
+          f"~{plan['activation_bytes'] / 2**30:.2f} GiB of a {budget / 2**30:.2f} GiB budget)", flush=True)
+    return plan["checkpointed"]
+
+
+def grad_filter_eps(value) -> float:
+    """train.loss_grad_filter as the threshold the chunked loss takes (0: off)."""
+    return 0.0 if value in ("auto", "off") else float(value)
+
+
 class _Lowbit:
     """What every lowbit trainer adds to its TRL trainer (a mixin before it in the bases)."""
 
@@ -70,12 +127,14 @@ class LowbitTrainer(_Lowbit, SFTTrainer):
         cfg = self.lowbit_cfg
         chunk = cfg.train.loss_chunk_tokens
         if not cfg.distill.enabled:
-            return causal_lm_loss(model, input_ids, labels, attention_mask, chunk, position_ids)
+            return causal_lm_loss(model, input_ids, labels, attention_mask, chunk, position_ids,
+                                  grad_filter_eps(cfg.train.loss_grad_filter))
         d = cfg.distill
         stored = self.teacher is None
         return distill_loss(model, input_ids, labels, attention_mask, teacher=self.teacher,
                             topk_values=topk_values if stored else None, topk_indices=topk_indices if stored else None,
-                            temperature=d.temperature, alpha=d.alpha, chunk_tokens=chunk)
+                            temperature=d.temperature, alpha=d.alpha, chunk_tokens=chunk, top_k=d.top_k,
+                            hidden_weight=d.hidden_weight, hidden_layers=d.hidden_layers, hidden_loss=d.hidden_loss)
 
 
 class LowbitDPOTrainer(_Lowbit, DPOTrainer):

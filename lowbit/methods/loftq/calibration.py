@@ -7,6 +7,10 @@ most of the energy), so in that metric the error *is* concentrated in a few dire
 The rank-r step becomes an SVD of (W − Q)·H^{1/2}, un-whitened by H^{-1/2} (CLoQ,
 arXiv 2501.18475). H is collected with forward hooks from a few calibration windows run
 through the 4-bit model itself, so no dense copy of the model is ever held.
+
+The windows come from a text file or, for data-free LoftQ, from token sequences the
+full-precision model wrote itself (`TokenSequences`: e.g. `lowbit generate` output, read by the
+recipe layer — this package does not depend on data_gen).
 """
 from __future__ import annotations
 
@@ -21,8 +25,36 @@ from torch import nn
 from lowbit.errors import ConfigError, InputError
 
 
+@dataclass
+class TokenSequences:
+    """Already-tokenized calibration sequences (each with the BOS its writer was conditioned on, if any),
+    e.g. a model's own generations: data-free calibration. `name` is what the LoftQ record shows."""
+
+    sequences: list[list[int]]
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+    def windows(self, n_samples: int, seq_len: int) -> torch.Tensor:
+        """`n_samples` sequences evenly spaced over those at least `seq_len` long, cut to `seq_len` tokens."""
+        if n_samples < 1 or seq_len < 2:
+            raise ConfigError(f"LoftQ calibration needs samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
+        long = [s for s in self.sequences if len(s) >= seq_len]
+        if len(long) < n_samples:
+            raise InputError(f"LoftQ calibration source {self.name} has {len(long)} sequences of >= {seq_len} tokens, "
+                             f"{n_samples} are asked for; lower lora.loftq.calibration_samples or "
+                             "calibration_seq_len, or generate more (longer) sequences")
+        # evenly spaced rather than the first n: generation order can follow the first-token schedule
+        picks = torch.linspace(0, len(long) - 1, n_samples).round().long().tolist()
+        return torch.tensor([long[i][:seq_len] for i in picks])
+
+
 def calibration_batches(tok, path, n_samples: int = 64, seq_len: int = 256) -> torch.Tensor:
-    """`n_samples` windows of `seq_len` tokens (BOS first), evenly spaced over a UTF-8 text file."""
+    """`n_samples` windows of `seq_len` tokens (BOS first), evenly spaced over a UTF-8 text file
+    (or taken from `TokenSequences`)."""
+    if isinstance(path, TokenSequences):
+        return path.windows(n_samples, seq_len)
     p = Path(path)
     if not p.is_file():
         raise InputError(f"LoftQ calibration file {p} does not exist; point lora.loftq.calibration at a text file "

@@ -9,6 +9,7 @@ from torch import nn
 from lowbit import kernels
 from lowbit.errors import ConfigError
 from lowbit.methods.qat.config import QuantizerConfig
+from lowbit.methods.qat.gguf import RoundtripCache
 from lowbit.methods.qat.numerics import as_rows, grad_scale, levels, minmax_qparams, quantize_rows, straight_through
 
 
@@ -27,6 +28,7 @@ class FakeQuantizer(nn.Module):
         self.step = 0
         self.observing = False
         self.weight_dtype = weight_dtype  # nf4: the dtype the deployment format quantizes from
+        self.gguf_cache = self.gguf_layout = None  # gguf: the last rounding; the file's layout of this tensor
         if cfg.range == "learned":
             if weight is not None:
                 init, _ = minmax_qparams(as_rows(weight.detach().float(), cfg), cfg)
@@ -76,6 +78,11 @@ class FakeQuantizer(nn.Module):
             return x.to(out_dtype)
         if self.cfg.dtype == "nf4":
             return straight_through(x.to(out_dtype), nf4_roundtrip(x, self.cfg, self.weight_dtype, out_dtype))
+        if self.cfg.dtype == "gguf":  # llama.cpp's bytes for this tensor, decoded (lowbit.methods.qat.gguf)
+            if self.gguf_cache is None:
+                self.gguf_cache = RoundtripCache()
+            return straight_through(x.to(out_dtype), self.gguf_cache(x, self.cfg.ggml_type, self.gguf_layout)
+                                    .to(out_dtype))
         rows = as_rows(x.float(), self.cfg)
         scale, zero = self.qparams(rows)
         _, deq = quantize_rows(rows, scale, zero, self.cfg, clip_grad=self.clips)
@@ -91,7 +98,7 @@ class FakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        bits = f"int{c.bits}" if c.dtype == "int" else c.dtype
+        bits = f"int{c.bits}" if c.dtype == "int" else f"gguf {c.ggml_type}" if c.dtype == "gguf" else c.dtype
         return (f"{self.role}: {bits} {'sym' if c.symmetric else 'asym'} {c.granularity}"
                 f"{f' g{c.group_size}' if c.granularity == 'per_group' else ''} {c.range}"
                 f"{'' if c.dynamic or self.role == 'weight' else ' static'}, enabled={c.enabled}, "

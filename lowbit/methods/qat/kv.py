@@ -28,10 +28,14 @@ def _register(inner: str) -> str:
         return name
 
     def attention(module, query, key, value, attention_mask, **kwargs):
+        rot = getattr(module, "lowbit_kv_rotation", None)
+        if rot is not None:  # same R on queries and keys (q·k kept), R on values, Rᵀ on the output
+            query, key, value = rot.rotate(query), rot.rotate(key), rot.rotate(value)
         kq = getattr(module, "lowbit_k_fq", None)
         if kq is not None:
             key, value = kq(key), module.lowbit_v_fq(value)
-        return _inner_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
+        out, *rest = _inner_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
+        return (rot.rotate(out, inverse=True) if rot is not None else out, *rest)
 
     AttentionInterface.register(name, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
@@ -63,7 +67,7 @@ def install(model: nn.Module, make_quantizer) -> int:
 
 def uninstall(model: nn.Module) -> None:
     for _, m in attention_modules(model):
-        for a in ("lowbit_k_fq", "lowbit_v_fq"):
+        for a in ("lowbit_k_fq", "lowbit_v_fq", "lowbit_kv_rotation"):
             if hasattr(m, a):
                 delattr(m, a)
         if m.config._attn_implementation and m.config._attn_implementation.startswith(PREFIX):

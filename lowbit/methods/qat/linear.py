@@ -66,13 +66,17 @@ class QATLinearMixin:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fin, fw, fout = self.lowbit_input_fq, self.lowbit_weight_fq, self.lowbit_output_fq
+        rot = getattr(self, "lowbit_rotation", None)  # online input rotation: y = (W Rᵀ)(R x), see rotate.py
+        if rot is not None:
+            x = rot(x)
         if fin is not None:
             x = fin(x)
-        if fw is None or not fw.active:
+        if rot is None and (fw is None or not fw.active):
             y = super().forward(x, *args, **kwargs)
         else:
             cd = compute_dtype(self)
-            w = fw(effective_weight(self), out_dtype=cd)
+            w = effective_weight(self) if rot is None else rot.layer_weight(self)
+            w = fw(w, out_dtype=cd) if fw is not None else w.to(cd)
             bias = base_linear(self).bias
             y = F.linear(x.to(cd), w, None if bias is None else bias.to(cd)).to(x.dtype)
         return fout(y) if fout is not None else y
@@ -101,6 +105,7 @@ def attach(m: nn.Module, weight_fq=None, input_fq=None, output_fq=None) -> None:
 def detach(m: nn.Module) -> None:
     """Undo `attach`: the original class, no quantizers."""
     if isinstance(m, QATLinearMixin):
-        for a in ("lowbit_weight_fq", "lowbit_input_fq", "lowbit_output_fq"):
-            delattr(m, a)
+        for a in ("lowbit_weight_fq", "lowbit_input_fq", "lowbit_output_fq", "lowbit_rotation"):
+            if hasattr(m, a):
+                delattr(m, a)
         m.__class__ = type(m).__mro__[2]

@@ -26,6 +26,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("zero", None if cfg.symmetric else torch.zeros(n_rows, 1))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype), requires_grad=False) if bias else None
         self.lowbit_input_fq = self.lowbit_output_fq = None
+        self.lowbit_rotation = None  # a rotate.Rotation when the codes are those of W·Rᵀ (input rotated online)
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, cfg: QuantizerConfig,
@@ -45,6 +46,8 @@ class QuantizedLinear(nn.Module):
         return w.to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lowbit_rotation is not None:
+            x = self.lowbit_rotation(x)
         if self.lowbit_input_fq is not None:
             x = self.lowbit_input_fq(x)
         cd = self.compute_dtype

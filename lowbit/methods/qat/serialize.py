@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.errors import InputError
+from lowbit.errors import ConfigError, InputError
 from lowbit.format import quantize
-from lowbit.methods.qat import kv
+from lowbit.methods.qat import kv, rotate
 from lowbit.methods.qat.config import QuantizerConfig, from_dict
 from lowbit.methods.qat.fake_quant import FakeQuantizer
 from lowbit.methods.qat.linear import attach
@@ -29,6 +29,8 @@ def _layer_kinds(model: nn.Module) -> dict[str, dict]:
             continue
         info = {"in_fq": m.lowbit_input_fq is not None, "out_fq": m.lowbit_output_fq is not None,
                 "bias": m.bias is not None}
+        if getattr(m, "lowbit_rotation", None) is not None:  # its signs / odd factor are in the state dict
+            info["rotation"] = m.lowbit_rotation.n
         if isinstance(m, QuantizedLinear):
             info.update(kind="codes", n_rows=m.n_rows, cfg=m.cfg.__dict__)
         else:
@@ -42,6 +44,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, overwr
     cfg = getattr(model, "lowbit_qat_config", None)
     if cfg is None:
         raise InputError("save_quantized needs a model from lowbit.methods.qat.convert")
+    if cfg.weight is not None and cfg.weight.dtype == "gguf":
+        raise ConfigError("a GGUF QAT model deploys as a .gguf file: save it with lowbit.methods.qat.save_dense(model, "
+                          "dir) and run `lowbit export dir out.gguf --format gguf`")
     state, seen, tied = {}, {}, {}
     for k, v in model.state_dict().items():
         if v is None:
@@ -101,11 +106,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
             new.lowbit_input_fq = FakeQuantizer(cfg.activation, "activation")
         if info["out_fq"]:
             new.lowbit_output_fq = FakeQuantizer(cfg.kv, "kv")
+        if info.get("rotation"):
+            new.lowbit_rotation = rotate.Rotation(info["rotation"])
         set_module(model, name, new)
     if cfg.kv is not None and cfg.kv_position == "post_rope":
         kv.install(model, lambda: FakeQuantizer(cfg.kv, "kv"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        if cfg.rotation == "hadamard":
+            rotate.install_kv(model, kv.attention_modules(model))
     tied = json.loads(meta["tied"])
+    for k, src in tied.items():  # shared tensors stored once (a rotation shared by q/k/v): fill every user
+        if src in state and k not in state:
+            state[k] = state[src]
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise InputError(f"{f} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
