@@ -35,7 +35,7 @@ def filtered_grad_h(g: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, eps:
 
     Returns (d(loss)/dh rows, fraction of (token, block) pairs skipped). The error is at most
     eps · (skipped entries) · max|W| per element; measured on Gemma-3-270M it is far above
-    fp32 rounding at CCE's 2^-12 (see docs/bench_drafts/qlora-speed.md), so it is opt-in."""
+    fp32 rounding at CCE's 2^-12 (BENCHMARKS.md "QLoRA training step at fp32 compute"), so it is opt-in."""
     t, v = g.shape
     nb = -(-v // block)
     big = g.abs() >= eps
