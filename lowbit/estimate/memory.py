@@ -159,6 +159,7 @@ class Setup:
     loss_chunk_tokens: int = 256
     runtime_bytes: int = 0              # process baseline (CUDA context / CPU runtime), if known
     experts_lora: bool = True           # MoE: LoRA on the experts too (peft target_parameters)
+    fused_lora: bool = True             # lowbit's fused LoRA matmul (CPU, adapters in the compute dtype)
 
     def check(self, known_targets=LINEARS) -> None:
         if self.method not in METHODS:
@@ -204,12 +205,16 @@ def layer_activation_bytes(m: ModelShape, s: Setup) -> int:
     if s.method in ("full", "qat"):
         return int(total + e * T * (2 * h + i))   # attention/MLP/down inputs (o_proj's is SDPA's output)
     shapes = m.linear_shapes()
-    if s.lora_dropout > 0 or a != e:              # each adapter keeps its own copy of the input
+    groups = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+    width = {"attn": h, "mlp": h, "down": i}
+    if s.fused_lora and a == e:                   # fused: the shared input, plus a bool keep-mask per adapter
+        total += sum(e * T * width[g] for g, names in groups.items() if set(names) & set(s.target_modules))
+        if s.lora_dropout > 0:
+            total += sum(T * shapes[t][0] for t in s.target_modules)
+    elif s.lora_dropout > 0 or a != e:            # each adapter keeps its own copy of the input
         per_copy = 2 * a if s.lora_dropout > 0 else a  # dropout: output + its mask (input dtype)
         total += sum(per_copy * T * shapes[t][0] for t in s.target_modules)
     else:                                         # adapters share the layer's input tensors
-        groups = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj"), "down": ("down_proj",)}
-        width = {"attn": h, "mlp": h, "down": i}
         total += sum(e * T * width[g] for g, names in groups.items() if set(names) & set(s.target_modules))
     total += len(s.target_modules) * a * T * s.lora_r   # lora_A outputs, kept by lora_B
     return int(total)

@@ -115,10 +115,12 @@ class _LoraMatMul4bit(torch.autograd.Function):
             y, u = torch.nn.functional.linear(x2, dequantize_to_workspace(q, x.dtype)), xd @ lora_a.t()
         if bias is not None:
             y = y + bias
-        res = torch.addmm(y, u, lora_b.t(), alpha=scale)
+        # written into a tensor of the output's own shape: a returned view would forbid in-place ops on it
+        res = torch.empty(*x.shape[:-1], out, dtype=y.dtype, device=y.device)
+        torch.addmm(y, u, lora_b.t(), alpha=scale, out=res.view(-1, out))
         ctx.q, ctx.scale = q, scale
         ctx.save_for_backward(x, mask, lora_a, lora_b, u.contiguous())
-        return res.view(*x.shape[:-1], out)
+        return res
 
     @staticmethod
     def backward(ctx, grad):
