@@ -43,3 +43,11 @@ def oracle():
         return ggml_oracle.load()
     except ggml_oracle.OracleUnavailable as e:
         pytest.skip(f"llama.cpp reference quantizer unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def cpu_isas():
+    """The CPU kernels' vector paths this machine can run, best first (the C++ backend must build)."""
+    from lowbit.kernels.cpu import build
+    assert build.load(), "the C++ CPU backend failed to build on this machine"
+    return build.supported_isas()

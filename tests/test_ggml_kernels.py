@@ -7,13 +7,12 @@ block counts that leave vector lanes empty, 32..4096 columns, fp32/bf16/fp16 inp
 importance matrix (one row, or one per group of rows), and 1 or 2 threads.
 """
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+
+from lowbit.testing.isa import run_python
 
 ISAS = ("avx512", "avx2", "scalar")
 LEGACY = ("Q4_0", "Q5_0", "Q8_0")
@@ -104,23 +103,13 @@ def _checks() -> dict:
     return {"isa": build.active_isa(), "ggml_isa": torch.ops.lowbit_cpu.ggml_isa(), "checked": n, "failures": fails}
 
 
-def _run(code, isa=None, kernels=None, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k not in ("LOWBIT_KERNELS", "LOWBIT_CPU_ISA")}
-    if isa is not None:
-        env["LOWBIT_CPU_ISA"] = isa
-    if kernels is not None:
-        env["LOWBIT_KERNELS"] = kernels
-    cmd = [sys.executable, __file__] if code is None else [sys.executable, "-c", code]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+def _run(code, isa=None, kernels=None, timeout=240):  # code None: this file's worker
+    return run_python(__file__, code, isa, kernels, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def supported():
-    from lowbit.kernels.cpu import build
-    assert build.load(), "the C++ CPU backend failed to build on this machine"
-    return build.supported_isas()
+def supported(cpu_isas):
+    return cpu_isas
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from lowbit.testing.isa import run_python
+
 ISAS = ("avx512", "avx2", "scalar")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # element counts not a multiple of 8/16/32/64/blocksize, single partial blocks, a row that
@@ -108,21 +110,13 @@ def _checks() -> dict:
     return {"isa": build.active_isa(), "supported": build.supported_isas(), "checked": n, "failures": fails}
 
 
-def _run(code_or_worker, isa=None, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k not in ("LOWBIT_KERNELS", "LOWBIT_CPU_ISA")}
-    if isa is not None:
-        env["LOWBIT_CPU_ISA"] = isa
-    cmd = [sys.executable, __file__] if code_or_worker is None else [sys.executable, "-c", code_or_worker]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+def _run(code, isa=None, timeout=240):  # code None: this file's worker
+    return run_python(__file__, code, isa, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def supported():
-    from lowbit.kernels.cpu import build
-    assert build.load(), "the C++ CPU backend failed to build on this machine"
-    return build.supported_isas()
+def supported(cpu_isas):
+    return cpu_isas
 
 
 @pytest.mark.parametrize("isa", ISAS)
