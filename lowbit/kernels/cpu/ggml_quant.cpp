@@ -12,43 +12,25 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include "cpu_isa.h"
 #include "ggml_quant.h"
 
 namespace {
 
 using namespace lowbit_ggml;
 
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+using lowbit_cpu::Isa;
 
-Isa best_isa() {
-  // the same levels as the NF4 kernels, so that one LOWBIT_CPU_ISA means one path for both
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bf16"))
-    return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::Avx2;
-  return Isa::Scalar;
-}
-
-Isa active_isa() {
+Isa active_isa() {  // the NF4 glue warns about an unknown or unsupported LOWBIT_CPU_ISA
   static const Isa isa = [] {
-    const Isa best = best_isa();
-    const char* env = std::getenv("LOWBIT_CPU_ISA");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best;
-    Isa want = best;  // an unknown name: the NF4 glue warns about it
-    if (std::strcmp(env, "avx512") == 0) want = Isa::Avx512;
-    else if (std::strcmp(env, "avx2") == 0) want = Isa::Avx2;
-    else if (std::strcmp(env, "scalar") == 0) want = Isa::Scalar;
-    return static_cast<int>(want) > static_cast<int>(best) ? best : want;
+    lowbit_cpu::IsaRequest why;
+    return lowbit_cpu::requested_isa(lowbit_cpu::best_isa(), &why);
   }();
   return isa;
 }
 
 std::string ggml_isa_op() {
-  const Isa i = active_isa();
-  return i == Isa::Avx512 ? "avx512" : i == Isa::Avx2 ? "avx2" : "scalar";
+  return lowbit_cpu::isa_name(active_isa());
 }
 
 int type_of(c10::string_view s) {

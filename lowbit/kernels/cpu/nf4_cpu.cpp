@@ -20,38 +20,19 @@ namespace {
 using namespace lowbit_cpu;
 using lowbit::code_value;
 
-const char* isa_name(Isa i) {
-  return i == Isa::Avx512 ? "avx512" : i == Isa::Avx2 ? "avx2" : "scalar";
-}
-
-Isa best_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
-    return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::Avx2;
-  return Isa::Scalar;
-}
-
 Isa active_isa() {
   static const Isa isa = [] {
     const Isa best = best_isa();
-    const char* env = std::getenv("LOWBIT_CPU_ISA");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best;
-    Isa want;
-    if (std::strcmp(env, "avx512") == 0) want = Isa::Avx512;
-    else if (std::strcmp(env, "avx2") == 0) want = Isa::Avx2;
-    else if (std::strcmp(env, "scalar") == 0) want = Isa::Scalar;
-    else {
-      TORCH_WARN("lowbit: LOWBIT_CPU_ISA=", env, " is not one of avx512, avx2, scalar, auto; using ", isa_name(best));
-      return best;
+    IsaRequest why;
+    const Isa got = requested_isa(best, &why);
+    if (why == IsaRequest::Unknown) {
+      TORCH_WARN("lowbit: LOWBIT_CPU_ISA=", std::getenv("LOWBIT_CPU_ISA"), " is not one of avx512, avx2, scalar, auto; using ",
+                 isa_name(best));
+    } else if (why == IsaRequest::Unsupported) {  // levels nest: a lower one always works
+      TORCH_WARN("lowbit: LOWBIT_CPU_ISA=", std::getenv("LOWBIT_CPU_ISA"), " is not supported by this CPU; using ",
+                 isa_name(best));
     }
-    if (static_cast<int>(want) > static_cast<int>(best)) {  // levels nest: a lower one always works
-      TORCH_WARN("lowbit: LOWBIT_CPU_ISA=", env, " is not supported by this CPU; using ", isa_name(best));
-      return best;
-    }
-    return want;
+    return got;
   }();
   return isa;
 }

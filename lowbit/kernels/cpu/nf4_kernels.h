@@ -11,10 +11,9 @@
 #pragma once
 #include <stdint.h>
 #include "../cuda/nf4_math.cuh"
+#include "cpu_isa.h"
 
 namespace lowbit_cpu {
-
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 // Element type of the weights / activations / outputs a kernel reads or writes.
 enum Kind : int { F32 = 0, BF16 = 1, F16 = 2 };
