@@ -26,12 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models are all per-op overhead: on a shared 2-core box a second thread only adds wake-ups
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest's: tiny models are per-op overhead, a second thread only adds wake-ups
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -94,14 +94,6 @@ def test_vocab_mismatch_is_a_clear_error():
         kd_loss(hs, ws)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models are per-op overhead; a second thread only adds wake-ups
-    yield
-    torch.set_num_threads(n)
-
-
 def test_distill_loss_on_models_online_and_offline(one_thread):
     from lowbit.testing import make_tiny_model
     teacher, tok = make_tiny_model("llama", seed=0)
