@@ -52,13 +52,14 @@ def _train(a, config, out, *extra) -> dict:
     return {"ppl": m["eval_ppl_after"], "train_s": m.get("train_runtime_s"), "train_loss": m.get("train_loss")}
 
 
-def _file_ppl(a, source, gguf_type, name: str) -> dict:
+def _file_ppl(a, source, gguf_type, name: str, merge_into: str = "trained") -> dict:
     """Export `source` (a run, a dense folder) as `gguf_type`, then the file's own perplexity, read back."""
     from lowbit.export.cli import _hf_dir, gguf_perplexity
     from lowbit.export.formats import export_gguf_file
     out = Path(a.out) / f"{name}.gguf"
     t0 = time.perf_counter()
-    rep = export_gguf_file(source, out, gguf_type=gguf_type, overwrite=True, verify=False, progress=False)
+    rep = export_gguf_file(source, out, gguf_type=gguf_type, overwrite=True, verify=False, progress=False,
+                           merge_into=merge_into)
     export_s = time.perf_counter() - t0
     ppl = gguf_perplexity(out, TEXT, _hf_dir(source) or a.model, a.seq, a.eval_blocks)
     print(f"  {name}: {gguf_type} file ppl {ppl:.3f} (export {export_s:.0f} s, {rep['bytes'] / 2**20:.0f} MiB)",
@@ -122,16 +123,6 @@ def _speed(a) -> dict:
     return out
 
 
-def _merged_16bit(a, adapter, out: Path) -> Path:
-    """The QLoRA adapter merged into the original 16-bit weights (not the NF4 ones it trained on) → HF folder."""
-    from transformers import AutoTokenizer
-    pm = _load(a, adapter=adapter)
-    merged = pm.merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(a.model).save_pretrained(out)
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=".cache/models/gemma-3-270m")
@@ -169,8 +160,8 @@ def main() -> int:
         nf4 = res.get_or("NF4 base", lambda: _dense_ppl(a, _load(a, four_bit=True), "NF4 base (fp32 compute)"))
         ft = res.get_or("QLoRA trained", lambda: _train(a, QLORA, "qlora", *four, "qat.scheme="))
         naive = res.get_or("naive file", lambda: _file_ppl(a, f"{a.out}/qlora", "Q4_K_M", "qlora-naive-q4_k_m"))
-        m16 = res.get_or("16-bit merge file", lambda: _file_ppl(
-            a, _merged_16bit(a, f"{a.out}/qlora/adapter", out / "qlora-merged16"), "Q4_K_M", "qlora-merge16-q4_k_m"))
+        m16 = res.get_or("16-bit merge file", lambda: _file_ppl(a, f"{a.out}/qlora", "Q4_K_M", "qlora-merge16-q4_k_m",
+                                                                merge_into="16bit"))  # lowbit export --merge-into 16bit
         aw = res.get_or("aware trained", lambda: _train(a, QLORA, "qlora-aware", *four, "qat.scheme=gguf-q4_k_m"))
         awf = res.get_or("aware file", lambda: _file_ppl(a, f"{a.out}/qlora-aware", None, "qlora-aware-q4_k_m"))
         for name, tr, f in (("naive: merge into deq(NF4), quantize", ft, naive),
@@ -212,7 +203,7 @@ def _plot(rows_a, rows_b, path: Path, a) -> None:
         ax.set_ylabel("fine-tune gain surviving Q4_K_M (%)")
         ax.set_title("(b) QLoRA → Q4_K_M GGUF")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Gemma-3-270M, {a.steps} steps × {a.batch} × {a.seq} tokens", fontsize=10)
+    fig.suptitle(f"{Path(a.model).name}, {a.steps} steps × {a.batch} × {a.seq} tokens", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -207,3 +207,47 @@ def test_gguf_write_is_atomic(tiny_model_dirs, tmp_path, monkeypatch):
         export_gguf(AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src), tmp_path / "x.gguf",
                     progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_into_16bit_uses_the_original_weights(run_dir, tiny_model_dirs, tmp_path, capsys):
+    """--merge-into 16bit: W16 + s·B·A (not deq(NF4) + s·B·A) for every adapted layer; the GGUF holds exactly it."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.export.formats import dense_source
+    base = tiny_model_dirs("llama")
+    w16 = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    ad = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    scale = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    scale = scale["lora_alpha"] / scale["r"]
+    m16, _, info = dense_source(run_dir, merge_into="16bit", progress=False)
+    trained, _, _ = dense_source(run_dir, progress=False)
+    assert info["merged_into"] == "16bit"
+    name = "model.layers.0.self_attn.q_proj"
+    a = next(v for k, v in ad.items() if name in k and "lora_A" in k)
+    b = next(v for k, v in ad.items() if name in k and "lora_B" in k)
+    want = w16[f"{name}.weight"] + scale * b @ a
+    torch.testing.assert_close(m16.state_dict()[f"{name}.weight"], want, rtol=0, atol=1e-6)
+    assert (trained.state_dict()[f"{name}.weight"] - want).abs().max() > 1e-3  # the NF4 rounding is gone
+    out = tmp_path / "m16.gguf"
+    assert cli(["export", str(run_dir), str(out), "--format", "gguf", "--gguf-type", "F32", "--merge-into", "16bit"]) == 0
+    capsys.readouterr()
+    t = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    v = torch.from_numpy(t["blk.0.attn_v.weight"].data.copy())
+    vn = "model.layers.0.self_attn.v_proj"
+    av = next(x for k, x in ad.items() if vn in k and "lora_A" in k)
+    bv = next(x for k, x in ad.items() if vn in k and "lora_B" in k)
+    torch.testing.assert_close(v, w16[f"{vn}.weight"] + scale * bv @ av, rtol=0, atol=1e-6)
+
+
+def test_merge_into_16bit_refuses_loftq_and_dense_sources(tiny_model_dirs, tmp_path, capsys):
+    make_adapter(tiny_model_dirs("llama"), tmp_path / "lq", loftq=True)
+    assert cli(["export", str(tmp_path / "lq"), str(tmp_path / "x.gguf"), "--format", "gguf", "--merge-into", "16bit"]) == 2
+    assert "LoftQ" in capsys.readouterr().err
+    assert cli(["export", str(tiny_model_dirs("llama")), str(tmp_path / "y.gguf"), "--format", "gguf",
+                "--merge-into", "16bit"]) == 2
+    assert "nothing to merge" in capsys.readouterr().err
+    assert cli(["export", str(tmp_path / "lq"), str(tmp_path / "m"), "--format", "merged", "--merge-into", "16bit"]) == 2
+    assert "--format gguf or bnb4" in capsys.readouterr().err
+    assert not any(p.name in ("x.gguf", "y.gguf", "m") for p in tmp_path.iterdir())

@@ -7,7 +7,7 @@ import json
 import sys
 
 from lowbit.errors import ConfigError, LowbitError
-from lowbit.export.formats import FORMATS, export, export_bnb4
+from lowbit.export.formats import FORMATS, MERGE_INTO, export, export_bnb4
 from lowbit.export.gguf_writer import GGUF_TYPES
 from lowbit.export.merge import merge
 
@@ -44,6 +44,9 @@ def _export_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="merged: output dtype")
     ap.add_argument("--base", help="base HF model folder (default: the one recorded at training time)")
+    ap.add_argument("--merge-into", default="trained", choices=MERGE_INTO,
+                    help="gguf/bnb4 from a QLoRA adapter: merge into the 4-bit base it trained on (trained, exact) or "
+                    "into the base's original 16-bit weights before re-quantizing (16bit: keeps more of the fine-tune)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ap.add_argument("--no-verify", action="store_true", help="skip loading the output back")
     return ap
@@ -122,7 +125,8 @@ def export_main(argv: list[str]) -> int:
     if a.eval and a.format != "gguf":
         raise ConfigError("--eval scores a GGUF file; use it with --format gguf")
     rep = export(a.source, a.out, a.format, base=a.base, gguf_type=a.gguf_type, dtype=a.dtype,
-                 overwrite=a.overwrite, verify=not a.no_verify, imatrix=a.imatrix, calibration=a.calibration)
+                 overwrite=a.overwrite, verify=not a.no_verify, imatrix=a.imatrix, calibration=a.calibration,
+                 merge_into=a.merge_into)
     if a.eval:
         rep["eval_text"] = a.eval
         rep["eval_ppl"] = gguf_perplexity(a.out, a.eval, _hf_dir(a.source, a.base), a.seq_len, a.max_blocks)

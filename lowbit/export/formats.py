@@ -32,22 +32,52 @@ def _is_adapter(p: Path) -> bool:
     return (p / "adapter_config.json").exists() or (p / "adapter" / "adapter_config.json").exists()
 
 
-def dense_source(source, base=None, progress: bool = True):
-    """(dense fp32 HF model, tokenizer, info) from an adapter (merged in memory) or a dense model folder."""
+MERGE_INTO = ("trained", "16bit")
+
+
+def dense_source(source, base=None, progress: bool = True, merge_into: str = "trained"):
+    """(dense fp32 HF model, tokenizer, info) from an adapter (merged in memory) or a dense model folder.
+
+    merge_into="trained": the adapter lands on the dequantized 4-bit base it trained on (the trained model exactly);
+    "16bit": on the base's original 16-bit weights (for a re-quantized export, where the NF4 rounding would otherwise
+    be paid twice; measured to keep more of a QLoRA gain through Q4_K_M, BENCHMARKS "QAT toward GGUF file types")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if merge_into not in MERGE_INTO:
+        raise ConfigError(f"merge_into {merge_into!r} unknown; choose one of {', '.join(MERGE_INTO)}")
     p = Path(source)
     if not p.exists():
         raise InputError(f"export source {p} does not exist")
     if _is_adapter(p):
         src = resolve_adapter(p, base)
+        info = {"adapter": str(src.adapter_dir), "base": str(src.base_path), "merged_into": merge_into}
+        if merge_into == "16bit":
+            return *_merge_16bit(src, progress), info
         pm, tok = load_adapter_model(src, compute_dtype="float32", progress=progress)
-        return merge_into_dense(pm, torch.float32), tok, {"adapter": str(src.adapter_dir), "base": str(src.base_path)}
+        return merge_into_dense(pm, torch.float32), tok, info
+    if merge_into != "trained":
+        raise ConfigError(f"--merge-into {merge_into}: {p} is a dense model, not an adapter; nothing to merge")
     if not (p / "config.json").exists():
         raise InputError(f"{p} is neither a peft adapter / lowbit run folder nor an HF model folder (no config.json)")
     if "quantization_config" in (p / "config.json").read_text():
         raise InputError(f"{p} is already quantized; export from the adapter or the merged (dense) checkpoint")
     model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(p), {"model": str(p)}
+
+
+def _merge_16bit(src, progress: bool):
+    """The adapter merged into the base's original (unquantized) weights → (fp32 HF model, tokenizer)."""
+    from lowbit.models import load_model
+    from lowbit.modules.lora import load_adapter
+    if src.loftq_base() is not None or (src.run is not None and src.run.loftq):
+        raise ConfigError("--merge-into 16bit: this adapter was initialized by LoftQ to correct its NF4 base's rounding; "
+                          "on the 16-bit weights that correction would be applied twice. Use --merge-into trained")
+    scheme = ((src.run.config.get("qat") or {}).get("scheme") if src.run is not None else None)
+    if scheme:
+        raise ConfigError(f"--merge-into 16bit: this run trained through fake quantization ({scheme}); its adapter fits "
+                          "those rounded weights. Use --merge-into trained")
+    model, tok = load_model(src.base_path, load_in_4bit=False, compute_dtype="float32", progress=progress)
+    pm = load_adapter(model, src.adapter_dir)
+    return pm.merge_and_unload().eval(), tok
 
 
 def export_peft(source, out, *, base=None, overwrite: bool = False, verify: bool = True) -> dict:
@@ -73,10 +103,11 @@ def export_peft(source, out, *, base=None, overwrite: bool = False, verify: bool
 
 
 def export_bnb4(source, out, *, base=None, overwrite: bool = False, verify: bool = True, quant_type: str = "nf4",
-                blocksize: int = 64, double_quant: bool = True, compute_dtype="bfloat16", progress: bool = True) -> dict:
+                blocksize: int = 64, double_quant: bool = True, compute_dtype="bfloat16", progress: bool = True,
+                merge_into: str = "trained") -> dict:
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    model, tok, info = dense_source(source, base, progress)
+    model, tok, info = dense_source(source, base, progress, merge_into)
     rep = save_bnb4(model, tok, out, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                     compute_dtype=compute_dtype, overwrite=overwrite, extra=info)
     report = {"format": "bnb4", "path": str(out), **info, **{k: v for k, v in rep.items() if k != "per_layer"}}
@@ -115,7 +146,7 @@ def verify_bnb4(out, model, tok, blocksize: int = 64) -> dict:
 
 
 def export_gguf_file(source, out, *, base=None, gguf_type: str | None = "F16", overwrite: bool = False, verify: bool = True,
-                     progress: bool = True, imatrix=None, calibration=None) -> dict:
+                     progress: bool = True, imatrix=None, calibration=None, merge_into: str = "trained") -> dict:
     """Dense model (merged from an adapter when given one) → GGUF; `imatrix` (a llama-imatrix file) or
     `calibration` (text to compute one from) weighs the k-quants' errors as llama-quantize does."""
     if Path(out).exists() and not overwrite:
@@ -124,7 +155,7 @@ def export_gguf_file(source, out, *, base=None, gguf_type: str | None = "F16", o
     source, gguf_type = gguf_qat.export_source(source, gguf_type)
     if imatrix is not None and calibration is not None:
         raise ConfigError("give --imatrix FILE or --calibration TEXT, not both")
-    model, tok, info = dense_source(source, base, progress)
+    model, tok, info = dense_source(source, base, progress, merge_into)
     weights = None
     if imatrix is not None:
         weights = read_imatrix(imatrix)
@@ -224,15 +255,18 @@ def verify_gguf(out, model, tok, gguf_type: str) -> dict:
 
 def export(source, out, fmt: str, *, base=None, gguf_type: str | None = "F16", dtype: str = "bfloat16",
            overwrite: bool = False, verify: bool = True, progress: bool = True, imatrix=None,
-           calibration=None) -> dict:
+           calibration=None, merge_into: str = "trained") -> dict:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} unknown; choose one of {', '.join(FORMATS)}")
+    if merge_into != "trained" and fmt not in ("bnb4", "gguf"):
+        raise ConfigError(f"--merge-into {merge_into} re-bases a quantized export; use it with --format gguf or bnb4")
     if fmt == "peft":
         return export_peft(source, out, base=base, overwrite=overwrite, verify=verify)
     if fmt == "merged":
         return {"format": "merged", "path": str(out),
                 **merge(source, out, base=base, dtype=dtype, overwrite=overwrite, verify=verify, progress=progress)}
     if fmt == "bnb4":
-        return export_bnb4(source, out, base=base, overwrite=overwrite, verify=verify, progress=progress)
+        return export_bnb4(source, out, base=base, overwrite=overwrite, verify=verify, progress=progress,
+                           merge_into=merge_into)
     return export_gguf_file(source, out, base=base, gguf_type=gguf_type, overwrite=overwrite, verify=verify,
-                            progress=progress, imatrix=imatrix, calibration=calibration)
+                            progress=progress, imatrix=imatrix, calibration=calibration, merge_into=merge_into)
