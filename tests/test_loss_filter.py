@@ -40,7 +40,9 @@ def test_filtered_head_gradient_within_bound(t, v, h, dtype, softcap, eps):
     xf = x.clone().requires_grad_(True)
     loss = _FrozenHeadCE.apply(xf, w, y, sc, 16, eps)
     (got,) = torch.autograd.grad(loss, xf)
-    assert loss.item() == loss_ref.item()  # the filter touches only d(loss)/dh
+    # the filter touches only d(loss)/dh (the filtered path keeps the whole-vocabulary softmax in memory, the
+    # unfiltered one runs over tiles: the same loss up to summation order)
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
 
     # the dropped part of each row is at most sum over skipped entries of |g_v| * |W_v| (exact arithmetic)
     g = _dlogits(x, w, y, sc)

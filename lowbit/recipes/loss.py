@@ -58,6 +58,70 @@ def filtered_grad_h(g: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, eps:
 FILTER_STATS = {"skipped": 0.0, "chunks": 0}  # running skip rate of the filter (for benchmarks)
 
 
+def _filtered_chunk(h, weight, y, softcap, eps):
+    """The dense form (whole-vocabulary softmax in memory), which the gradient filter needs to see."""
+    logits = (h @ weight.t()).float()
+    if softcap:
+        t = torch.tanh(logits.div_(softcap))
+        logits = t * softcap
+    picked = logits.gather(1, y[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    g = logits.sub_(top).exp_()
+    denom = g.sum(dim=-1, keepdim=True)
+    loss = (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()
+    g.div_(denom)                                        # softmax; dCE/dlogits = softmax - onehot
+    g[torch.arange(y.numel(), device=g.device), y] -= 1
+    if softcap:
+        g *= 1 - t * t
+    gh, skipped = filtered_grad_h(g.to(weight.dtype), weight, y, eps)
+    FILTER_STATS["skipped"] += skipped
+    FILTER_STATS["chunks"] += 1
+    return loss, gh
+
+
+VOCAB_TILE = 4096  # vocabulary rows per tile of the frozen head's fused loss + gradient (tokens x tile stays in cache)
+
+
+def ce_and_grad_h(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None = None,
+                  tile: int = VOCAB_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over the rows of h @ W.T, its gradient w.r.t. h) in one pass over vocabulary tiles.
+
+    Online softmax (as flash attention): each tile's logits are exponentiated against the running row max
+    while still in cache, and the gradient's Σ_v p_v W_v is accumulated unnormalized and rescaled when the
+    max moves, so the [tokens, vocab] logits never go out to memory and pass over it five more times. The
+    label's −W_y term is added at the end. Same two matmuls as the dense form; sums in another order."""
+    n = y.numel()
+    f32 = dict(dtype=torch.float32, device=h.device)
+    m, s = torch.full((n, 1), -math.inf, **f32), torch.zeros((n, 1), **f32)
+    acc, picked, dcap = torch.zeros((n, h.shape[1]), **f32), torch.zeros(n, **f32), torch.ones(n, **f32)
+    fused = h.dtype == weight.dtype == torch.float32
+    for v0 in range(0, weight.shape[0], tile):
+        wt = weight[v0:v0 + tile]
+        z = (h @ wt.t()).float()
+        if softcap:
+            t = torch.tanh(z.div_(softcap))
+            z = t * softcap
+        rows = ((y >= v0) & (y < v0 + wt.shape[0])).nonzero().squeeze(1)
+        if rows.numel():  # the label's logit, as the matmul computed it
+            picked[rows] = z[rows, y[rows] - v0]
+            if softcap:
+                dcap[rows] = 1 - t[rows, y[rows] - v0] ** 2
+        m_new = torch.maximum(m, z.amax(dim=1, keepdim=True))
+        e = z.sub_(m_new).exp_()
+        rescale = (m - m_new).exp_()
+        s.mul_(rescale).add_(e.sum(dim=1, keepdim=True))
+        if softcap:
+            e.mul_(1 - t * t)                            # d(softcap*tanh(z/softcap))/dz
+        acc.mul_(rescale)
+        if fused:
+            acc.addmm_(e, wt)
+        else:
+            acc += (e.to(weight.dtype) @ wt).float()
+        m = m_new
+    loss = (m.squeeze(1) + s.squeeze(1).log() - picked).sum()
+    return loss, acc.div_(s).sub_(weight[y].float() * dcap[:, None])
+
+
 class _FrozenHeadCE(torch.autograd.Function):
     """sum of CE over rows of h @ W.T (W frozen); d(loss)/dh precomputed chunk by chunk."""
 
@@ -67,26 +131,11 @@ class _FrozenHeadCE(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         for i in range(0, y.numel(), chunk_tokens):
             hc, yc = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
-            logits = (hc @ weight.t()).float()
-            if softcap:
-                t = torch.tanh(logits.div_(softcap))
-                logits = t * softcap
-            # one exp pass serves both the loss (log-sum-exp) and its gradient (softmax)
-            picked = logits.gather(1, yc[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            g = logits.sub_(top).exp_()
-            denom = g.sum(dim=-1, keepdim=True)
-            total += (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()
-            g.div_(denom)                                # softmax; dCE/dlogits = softmax - onehot
-            g[torch.arange(yc.numel(), device=g.device), yc] -= 1
-            if softcap:
-                g *= 1 - t * t                           # d(softcap*tanh(z/softcap))/dz
             if grad_filter:
-                gh, skipped = filtered_grad_h(g.to(weight.dtype), weight, yc, grad_filter)
-                FILTER_STATS["skipped"] += skipped
-                FILTER_STATS["chunks"] += 1
+                loss, gh = _filtered_chunk(hc, weight, yc, softcap, grad_filter)
             else:
-                gh = g.to(weight.dtype) @ weight
+                loss, gh = ce_and_grad_h(hc, weight, yc, softcap)
+            total += loss
             grad_h[i:i + chunk_tokens] = gh.to(h.dtype)
         ctx.save_for_backward(grad_h)
         return total
