@@ -8,8 +8,9 @@ Areopagitica, `data/milton`). Students, all LoRA r=16 on the NF4 base:
   * loftq+kd      that init, then the same KD;
   * loftq+kd+hid  that init, KD plus per-layer hidden-state matching (distill.hidden_weight);
 and for reference loftq-real: LoftQ calibrated on real text (the five plays, not Hamlet), init only.
-The best recipe is also scored during training (--curve-steps) for the recovery-vs-tokens plot, exported with
-`lowbit export --format peft`, reloaded and scored again. Gap recovered = (ppl_RTN − ppl) / (ppl_RTN − ppl_teacher).
+The best recipe is also scored during training (--curve-steps), exported with `lowbit export --format peft`,
+reloaded and scored again; --calib-curve N... scores the data-free LoftQ init calibrated on N generated sequences
+each (the recovery-vs-generated-tokens plot). Gap recovered = (ppl_RTN − ppl) / (ppl_RTN − ppl_teacher).
 
     .venv/bin/python scripts/benchmark_datafree.py [--data outputs/datafree/gen256] [--steps 64] [--seed 0]
     .venv/bin/python scripts/benchmark_datafree.py --study --model .cache/models/smollm2-135m-instruct --steps 16
@@ -42,6 +43,8 @@ STUDENTS = {  # name -> (extra config overrides, train?)
     "kd": (ZERO, True),
     "loftq+kd": (LOFTQ, True),
     "loftq+kd+hid": (("lora.init=loftq", "distill.hidden_weight=1.0", "distill.hidden_loss=mse"), True),
+    # KD that starts at the closed-form init: lower lr and T=2 (the SmolLM2 study's better temperature)
+    "loftq+kd gentle": (LOFTQ + ("train.lr=0.0001", "distill.temperature=2.0"), True),
     "loftq-real": (("lora.init=loftq", f"lora.loftq.calibration={REAL_TEXT}"), False),
 }
 BEST = "loftq+kd+hid"
@@ -248,6 +251,8 @@ def main() -> int:
     ap.add_argument("--eval-blocks", type=int, default=8)
     ap.add_argument("--calib-samples", type=int, default=32, help="generated sequences calibrating LoftQ")
     ap.add_argument("--curve-steps", type=int, nargs="*", default=[4], help="extra scores of the best student")
+    ap.add_argument("--calib-curve", type=int, nargs="*", default=[],
+                    help="also score the LoftQ (gen) init calibrated on each of these numbers of generated sequences")
     ap.add_argument("--gen-probe", type=int, default=16, help="sequences generated to time the generator (0: skip)")
     ap.add_argument("--out", default="outputs/bench/datafree")
     ap.add_argument("--runs", nargs="*", default=None, help="students to train now (default: all)")
@@ -292,6 +297,10 @@ def main() -> int:
             res.get_or("export", lambda: _export_check(a, BEST))
         if not a.part:
             write_report(_merged(res, out, settings), out, a)  # after each student: a stopped run leaves its table
+    for n in a.calib_curve if not a.part else ():
+        res.get_or(f"calib {n}", lambda n=n: _student(a, f"loftq-gen{n}", LOFTQ + (f"lora.loftq.calibration_samples={n}",),
+                                                       False))
+        write_report(_merged(res, out, settings), out, a)
     if not a.part:
         write_report(_merged(res, out, settings), out, a)
     return 0
@@ -324,37 +333,51 @@ def write_report(res: dict, out: Path, a) -> None:
             if "after" in got:
                 rows.append({"text": text, "student": name, "ppl": got["after"][text],
                              "gap recovered": _recovery(rtn, t, got["after"][text])})
+        for key in sorted((k for k in res if k.startswith("calib ")), key=lambda k: int(k.split()[1])):
+            n = int(key.split()[1])
+            rows.append({"text": text, "student": f"loftq (gen) init, {n} sequences = {n * a.seq} tokens",
+                         "ppl": res[key]["init"][text], "gap recovered": _recovery(rtn, t, res[key]["init"][text])})
         if "export" in res:
             ppl = res["export"]["reloaded"][text]
             rows.append({"text": text, "student": f"{BEST} exported (peft) + reloaded", "ppl": ppl,
                          "gap recovered": _recovery(rtn, t, ppl)})
     write_results(rows, out / "datafree", dict(res))
     print(markdown_table(rows, list(rows[0])))
-    if BEST in res:
+    if BEST in res or any(k.startswith("calib ") for k in res):
         _plot(res, out / "datafree.png", a)
 
 
 def _plot(res: dict, path: Path, a) -> None:
-    """Recovery vs generated tokens trained on, best recipe, both held-out texts (0 tokens = the LoftQ init)."""
+    """Recovery vs generated tokens, both held-out texts: (left) the data-free LoftQ init against the number of
+    generated tokens it is calibrated on; (right) the best KD recipe scored during its run (0 tokens = its init)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    best, per_step = res[BEST], a.batch * a.seq
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    calib = sorted((int(k.split()[1]), v) for k, v in res.items() if k.startswith("calib "))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for text in EVAL_TEXTS:
         t, rtn = res["teacher"][text], res["RTN nf4"][text]
-        pts = {0: best["init"][text], **{int(s): v[text] for s, v in best["curve"].items()}, best["steps"]:
-               best["after"][text]}
-        xs = sorted(pts)
-        ax.plot([x * per_step for x in xs], [100 * _recovery(rtn, t, pts[x]) for x in xs], "o-", label=f"{BEST}, {text}")
+        if calib:
+            axes[0].plot([n * a.seq for n, _ in calib], [100 * _recovery(rtn, t, v["init"][text]) for _, v in calib],
+                         "o-", label=f"LoftQ (gen) init, {text}")
+        if BEST in res:
+            best, per_step = res[BEST], a.batch * a.seq
+            pts = {0: best["init"][text], **{int(s): v[text] for s, v in best["curve"].items()}, best["steps"]:
+                   best["after"][text]}
+            xs = sorted(pts)
+            axes[1].plot([x * per_step for x in xs], [100 * _recovery(rtn, t, pts[x]) for x in xs], "o-",
+                         label=f"{BEST}, {text}")
         if "kd" in res:
-            ax.plot([best["steps"] * per_step], [100 * _recovery(rtn, t, res["kd"]["after"][text])], "x", ms=9,
-                    label=f"kd (zero init), {text}")
-    ax.axhline(70, color="k", ls="--", lw=1, label="target 70 %")
-    ax.set_xlabel("generated tokens trained on (scored during one run, on its cosine schedule)")
-    ax.set_ylabel("NF4 RTN perplexity gap recovered (%)")
-    ax.set_title(f"Data-free NF4 repair, {Path(a.model).name}, seed {a.seed}")
-    ax.legend(fontsize=7)
+            axes[1].plot([res["kd"]["steps"] * a.batch * a.seq], [100 * _recovery(rtn, t, res["kd"]["after"][text])],
+                         "x", ms=9, label=f"kd (zero init), {text}")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("generated tokens LoftQ is calibrated on (no training)")
+    axes[1].set_xlabel(f"generated tokens trained on (init: {a.calib_samples * a.seq} calibration tokens)")
+    for ax in axes:
+        ax.axhline(70, color="k", ls="--", lw=1, label="target 70 %")
+        ax.set_ylabel("NF4 RTN perplexity gap recovered (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Data-free NF4 repair, {Path(a.model).name}, seed {a.seed}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

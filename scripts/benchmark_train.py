@@ -103,6 +103,10 @@ def worker(side: str, a) -> dict:
     out = {"side": side, "compute_dtype": dtype, "load_s": round(load_s, 2), "step_s": round(step_s, 3),
            "cpu_step_s": round(statistics.median(cpu), 3), "tokens_per_s": round(a.batch * a.seq / step_s, 1),
            "peak_rss_mb": round(_rss_mb(), 1), "rss_after_load_mb": round(load_rss, 1), "losses": losses}
+    out["torch_threads"] = torch.get_num_threads()
+    if side.startswith("lowbit"):
+        from lowbit.kernels.cpu.build import active_isa
+        out["cpu_isa"] = active_isa()  # LOWBIT_CPU_ISA=avx2 runs the AVX2-only machines' kernels here
     if plan is not None:
         out["checkpointed_layers"] = f"{plan['checkpointed']}/{plan['layers']}"
     if side == "lowbit_cce":
