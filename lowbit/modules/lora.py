@@ -304,15 +304,20 @@ def load_adapter(model: nn.Module, adapter_dir, is_trainable: bool = False):
 
 
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True,
-                              checkpoint_layers: int | None = None) -> nn.Module:
+                              checkpoint_layers: int | None = None, fp32_residual: bool = True) -> nn.Module:
     """Freeze the base, let gradients reach LoRA through checkpointed blocks.
 
-    Unlike peft's helper we do not upcast embeddings/lm_head/norms to fp32: on a 262k
-    vocabulary that alone costs ~1 GB and the fp32 logits are computed in chunks instead.
+    `fp32_residual`: with bf16/fp16 weights, the residual stream still runs in fp32 (the embedding's
+    output is upcast, the head's input cast back), as it does after peft's helper — which gets there by
+    upcasting the embeddings and lm_head themselves (~1 GB more on a 262k vocabulary; we keep them as
+    stored). The 4-bit matmuls compute in compute_dtype either way; a half-precision residual stream
+    measurably slowed learning (BENCHMARKS.md, QLoRA training step, bf16 loss curves).
     `checkpoint_layers`: checkpoint only that many decoder layers, evenly spaced (None: all).
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    if fp32_residual:
+        keep_residual_in_fp32(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -322,6 +327,29 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
         if checkpoint_layers is not None:
             set_checkpointed_layers(model, checkpoint_layers)
     return model
+
+
+def _upcast_output(module, args, out):
+    return out.float() if isinstance(out, torch.Tensor) and out.dtype in (torch.bfloat16, torch.float16) else out
+
+
+def _cast_to_weight(module, args):
+    x = args[0]
+    return (x.to(module.weight.dtype), *args[1:]) if x.dtype != module.weight.dtype else None
+
+
+def keep_residual_in_fp32(model: nn.Module) -> bool:
+    """Hooks: input embeddings' half-precision output → fp32; the output head's input → its weight's dtype.
+    No-op (False) for fp32 models and for models already hooked."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is None or emb.weight.dtype not in (torch.bfloat16, torch.float16) or getattr(emb, "_lowbit_fp32_out", False):
+        return False
+    emb.register_forward_hook(_upcast_output)
+    emb._lowbit_fp32_out = True
+    if head is not None and getattr(head, "weight", None) is not None:
+        head.register_forward_pre_hook(_cast_to_weight)
+    return True
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

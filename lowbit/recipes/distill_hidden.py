@@ -27,7 +27,8 @@ def decoder_states(model, input_ids, attention_mask=None):
     base = unwrap_peft(model)
     out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                              output_hidden_states=True)
-    return (out.last_hidden_state, out.hidden_states, base.get_output_embeddings().weight,
+    w = base.get_output_embeddings().weight
+    return (out.last_hidden_state.to(w.dtype), out.hidden_states, w,  # fp32 residual stream → the head's dtype
             getattr(base.config, "final_logit_softcapping", None))
 
 

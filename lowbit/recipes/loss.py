@@ -151,8 +151,9 @@ def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
     base = unwrap_peft(model)
     out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False)
-    return out.last_hidden_state, base.get_output_embeddings().weight, getattr(base.config, "final_logit_softcapping",
-                                                                                None)
+    w = base.get_output_embeddings().weight
+    # an fp32 residual stream (prepare_for_kbit_training) meets a half-precision head as in HF's forward
+    return out.last_hidden_state.to(w.dtype), w, getattr(base.config, "final_logit_softcapping", None)
 
 
 def nll_sum(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 256,
