@@ -46,6 +46,10 @@ STUDENTS = {  # name -> (extra config overrides, train?)
     # KD that starts at the closed-form init: lower lr and T=2 (the SmolLM2 study's better temperature)
     "loftq+kd gentle": (LOFTQ + ("train.lr=0.0001", "distill.temperature=2.0"), True),
     "loftq-real": (("lora.init=loftq", f"lora.loftq.calibration={REAL_TEXT}"), False),
+    # init-only levers of the data-free LoftQ itself
+    "loftq r=64": (LOFTQ + ("lora.r=64", "lora.alpha=128"), False),
+    "loftq damp 0.1": (LOFTQ + ("lora.loftq.damp=0.1",), False),
+    "loftq full SVD": (LOFTQ + ("lora.loftq.svd=full",), False),
 }
 BEST = "loftq+kd+hid"
 
