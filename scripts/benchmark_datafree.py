@@ -47,7 +47,10 @@ STUDENTS = {  # name -> (extra config overrides, train?)
     "loftq+kd gentle": (LOFTQ + ("train.lr=0.0001", "distill.temperature=2.0"), True),
     "loftq-real": (("lora.init=loftq", f"lora.loftq.calibration={REAL_TEXT}"), False),
     # init-only levers of the data-free LoftQ itself
+    "loftq r=32": (LOFTQ + ("lora.r=32", "lora.alpha=64"), False),
     "loftq r=64": (LOFTQ + ("lora.r=64", "lora.alpha=128"), False),
+    "loftq r=128": (LOFTQ + ("lora.r=128", "lora.alpha=256"), False),
+    "loftq r=64+kd gentle": (LOFTQ + ("lora.r=64", "lora.alpha=128", "train.lr=0.0001", "distill.temperature=2.0"), True),
     "loftq damp 0.1": (LOFTQ + ("lora.loftq.damp=0.1",), False),
     "loftq full SVD": (LOFTQ + ("lora.loftq.svd=full",), False),
 }
@@ -169,7 +172,7 @@ def _export_check(a, name: str) -> dict:
     if p.returncode:
         raise SystemExit(f"export failed:\n{p.stderr[-2000:]}")
     model, _ = load_adapter_model(resolve_adapter(out, a.model), compute_dtype="auto")
-    return {"exported": str(out), "reloaded": _scores(model, a, f"{name} exported+reloaded")}
+    return {"student": name, "exported": str(out), "reloaded": _scores(model, a, f"{name} exported+reloaded")}
 
 
 def _generate(a, out_dir: str, *overrides) -> dict:
@@ -257,6 +260,10 @@ def main() -> int:
     ap.add_argument("--curve-steps", type=int, nargs="*", default=[4], help="extra scores of the best student")
     ap.add_argument("--calib-curve", type=int, nargs="*", default=[],
                     help="also score the LoftQ (gen) init calibrated on each of these numbers of generated sequences")
+    ap.add_argument("--curve-of", default="loftq+kd", choices=[k for k in STUDENTS if k.startswith("loftq")],
+                    help="the student whose LoftQ init --calib-curve scores (its init settings, no training)")
+    ap.add_argument("--best", default=BEST, choices=list(STUDENTS),
+                    help="the recipe scored during training (--curve-steps), exported and reloaded")
     ap.add_argument("--gen-probe", type=int, default=16, help="sequences generated to time the generator (0: skip)")
     ap.add_argument("--out", default="outputs/bench/datafree")
     ap.add_argument("--runs", nargs="*", default=None, help="students to train now (default: all)")
@@ -296,18 +303,36 @@ def main() -> int:
     for name in a.runs if a.runs is not None else list(STUDENTS):
         if not a.part and name not in res and name in _merged(res, out, settings):
             continue  # measured by a --part process with these settings
-        res.get_or(name, lambda: _student(a, name, curve_steps=a.curve_steps if name == BEST else ()))
-        if name == BEST:
-            res.get_or("export", lambda: _export_check(a, BEST))
+        res.get_or(name, lambda: _student(a, name, curve_steps=a.curve_steps if name == a.best else ()))
+        if name == a.best:
+            res.get_or("export", lambda: _export_check(a, a.best))
         if not a.part:
             write_report(_merged(res, out, settings), out, a)  # after each student: a stopped run leaves its table
     for n in a.calib_curve if not a.part else ():
-        res.get_or(f"calib {n}", lambda n=n: _student(a, f"loftq-gen{n}", LOFTQ + (f"lora.loftq.calibration_samples={n}",),
-                                                       False))
+        over = STUDENTS[a.curve_of][0] + (f"lora.loftq.calibration_samples={n}",)
+        tag = _curve_tag(a.curve_of)
+        res.get_or(f"calib {n}{tag}", lambda n=n, over=over, tag=tag: _student(
+            a, f"loftq-gen{n}{tag.replace(' ', '_')}", over, False))
         write_report(_merged(res, out, settings), out, a)
     if not a.part:
         write_report(_merged(res, out, settings), out, a)
     return 0
+
+
+def _curve_tag(name: str) -> str:
+    """Result-key suffix of a --calib-curve point: none for the r=16 LoftQ init, else the recipe's rank."""
+    r = [o.split("=")[1] for o in STUDENTS[name][0] if o.startswith("lora.r=")]
+    return f" r{r[0]}" if r else ""
+
+
+def _curves(res: dict) -> dict:
+    """{tag: [(calibration sequences, result)]} of the --calib-curve points, sorted."""
+    out: dict = {}
+    for k, v in res.items():
+        if k.startswith("calib "):
+            parts = k.split()
+            out.setdefault(" ".join(parts[2:]) or "r16", []).append((int(parts[1]), v))
+    return {t: sorted(p, key=lambda x: x[0]) for t, p in out.items()}
 
 
 def _merged(res: dict, out: Path, settings: dict) -> dict:
@@ -337,17 +362,18 @@ def write_report(res: dict, out: Path, a) -> None:
             if "after" in got:
                 rows.append({"text": text, "student": name, "ppl": got["after"][text],
                              "gap recovered": _recovery(rtn, t, got["after"][text])})
-        for key in sorted((k for k in res if k.startswith("calib ")), key=lambda k: int(k.split()[1])):
-            n = int(key.split()[1])
-            rows.append({"text": text, "student": f"loftq (gen) init, {n} sequences = {n * a.seq} tokens",
-                         "ppl": res[key]["init"][text], "gap recovered": _recovery(rtn, t, res[key]["init"][text])})
+        for tag, points in _curves(res).items():
+            for n, got in points:
+                rows.append({"text": text, "student": f"loftq {tag} (gen) init, {n} sequences = {n * a.seq} tokens",
+                             "ppl": got["init"][text], "gap recovered": _recovery(rtn, t, got["init"][text])})
         if "export" in res:
             ppl = res["export"]["reloaded"][text]
-            rows.append({"text": text, "student": f"{BEST} exported (peft) + reloaded", "ppl": ppl,
+            rows.append({"text": text, "student": f"{res['export'].get('student', BEST)} exported (peft) + reloaded",
+                         "ppl": ppl,
                          "gap recovered": _recovery(rtn, t, ppl)})
     write_results(rows, out / "datafree", dict(res))
     print(markdown_table(rows, list(rows[0])))
-    if BEST in res or any(k.startswith("calib ") for k in res):
+    if a.best in res or any(k.startswith("calib ") for k in res):
         _plot(res, out / "datafree.png", a)
 
 
@@ -357,20 +383,20 @@ def _plot(res: dict, path: Path, a) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    calib = sorted((int(k.split()[1]), v) for k, v in res.items() if k.startswith("calib "))
+    curves = _curves(res)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for text in EVAL_TEXTS:
         t, rtn = res["teacher"][text], res["RTN nf4"][text]
-        if calib:
+        for tag, calib in curves.items():
             axes[0].plot([n * a.seq for n, _ in calib], [100 * _recovery(rtn, t, v["init"][text]) for _, v in calib],
-                         "o-", label=f"LoftQ (gen) init, {text}")
-        if BEST in res:
-            best, per_step = res[BEST], a.batch * a.seq
+                         "o-", label=f"LoftQ {tag} (gen) init, {text}")
+        if a.best in res:
+            best, per_step = res[a.best], a.batch * a.seq
             pts = {0: best["init"][text], **{int(s): v[text] for s, v in best["curve"].items()}, best["steps"]:
                    best["after"][text]}
             xs = sorted(pts)
             axes[1].plot([x * per_step for x in xs], [100 * _recovery(rtn, t, pts[x]) for x in xs], "o-",
-                         label=f"{BEST}, {text}")
+                         label=f"{a.best}, {text}")
         if "kd" in res:
             axes[1].plot([res["kd"]["steps"] * a.batch * a.seq], [100 * _recovery(rtn, t, res["kd"]["after"][text])],
                          "x", ms=9, label=f"kd (zero init), {text}")

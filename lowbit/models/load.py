@@ -25,7 +25,7 @@ from lowbit.modules.linear4bit import Linear4bit
 from lowbit.modules.moe4bit import Experts4bit, quantize_experts
 from lowbit.modules.structure import decoder_prefix, in_decoder, is_conv1d, is_plain_linear, quantizable_linears
 from lowbit.utils.device import auto_compute_dtype
-from lowbit.utils.modules import set_module
+from lowbit.utils.modules import keep_residual_in_fp32, set_module
 from lowbit.utils.safetensors_stream import iter_tensors, tensor_names
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
@@ -87,13 +87,17 @@ def _release_freed_memory() -> None:
         pass
 
 
-def load_model(path, *, trust_remote_code: bool = False, **kw):
+def load_model(path, *, trust_remote_code: bool = False, fp32_residual: bool = True, **kw):
     """Load an HF causal LM with its Linear layers in NF4/FP4 → (model, tokenizer).
 
-    Keyword arguments are those of `load_4bit_weights`.
+    Keyword arguments are those of `load_4bit_weights`. With bf16/fp16 compute the residual stream runs in
+    fp32 (the embedding's output upcast, the head's input cast back; `keep_residual_in_fp32`), in training,
+    evaluation and inference alike (`fp32_residual=False`: as stored, as transformers runs it).
     """
     from transformers import AutoTokenizer
     model = load_4bit_weights(path, trust_remote_code=trust_remote_code, **kw)
+    if fp32_residual:
+        keep_residual_in_fp32(model)
     return model, AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
 
 

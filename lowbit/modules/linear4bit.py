@@ -21,6 +21,8 @@ _QUANT_BUFFERS = ("absmax", "quant_map", "offset", "nested_absmax", "nested_quan
 
 
 class Linear4bit(nn.Linear):
+    lowbit_casts_input = True  # computes in compute_dtype, returns the input's dtype (keep_residual_in_fp32)
+
     def __init__(self, quant: Quantized4bit, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype = torch.bfloat16):
         nn.Module.__init__(self)  # skip nn.Linear.__init__: no dense weight is ever allocated

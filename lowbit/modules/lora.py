@@ -22,7 +22,7 @@ from lowbit.kernels import lora_fusable, lora_matmul_4bit
 from lowbit.modules.linear4bit import Linear4bit
 from lowbit.modules.moe4bit import Experts4bit
 from lowbit.modules.structure import experts_modules, lora_excluded, lora_exclusion
-from lowbit.utils.modules import matches_module
+from lowbit.utils.modules import keep_residual_in_fp32, matches_module
 
 
 def _lora_linear4bit_cls():
@@ -310,8 +310,9 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     `fp32_residual`: with bf16/fp16 weights, the residual stream still runs in fp32 (the embedding's
     output is upcast, the head's input cast back), as it does after peft's helper — which gets there by
     upcasting the embeddings and lm_head themselves (~1 GB more on a 262k vocabulary; we keep them as
-    stored). The 4-bit matmuls compute in compute_dtype either way; a half-precision residual stream
-    measurably slowed learning (BENCHMARKS.md, QLoRA training step, bf16 loss curves).
+    stored; `load_model` already hooks the models it loads, so training, eval and a reloaded export agree).
+    The 4-bit matmuls compute in compute_dtype either way; a half-precision residual stream measurably
+    slowed learning (BENCHMARKS.md, QLoRA training step, bf16 loss curves).
     `checkpoint_layers`: checkpoint only that many decoder layers, evenly spaced (None: all).
     """
     for p in model.parameters():
@@ -327,29 +328,6 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
         if checkpoint_layers is not None:
             set_checkpointed_layers(model, checkpoint_layers)
     return model
-
-
-def _upcast_output(module, args, out):
-    return out.float() if isinstance(out, torch.Tensor) and out.dtype in (torch.bfloat16, torch.float16) else out
-
-
-def _cast_to_weight(module, args):
-    x = args[0]
-    return (x.to(module.weight.dtype), *args[1:]) if x.dtype != module.weight.dtype else None
-
-
-def keep_residual_in_fp32(model: nn.Module) -> bool:
-    """Hooks: input embeddings' half-precision output → fp32; the output head's input → its weight's dtype.
-    No-op (False) for fp32 models and for models already hooked."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is None or emb.weight.dtype not in (torch.bfloat16, torch.float16) or getattr(emb, "_lowbit_fp32_out", False):
-        return False
-    emb.register_forward_hook(_upcast_output)
-    emb._lowbit_fp32_out = True
-    if head is not None and getattr(head, "weight", None) is not None:
-        head.register_forward_pre_hook(_cast_to_weight)
-    return True
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -48,6 +48,7 @@ def experts_layout(dense: nn.Module) -> dict:
 
 class Experts4bit(nn.Module):
     lowbit_experts = True
+    lowbit_casts_input = True  # computes in compute_dtype, returns the input's dtype (keep_residual_in_fp32)
 
     def __init__(self, dense: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
                  double_quant: bool = True, quant_type: str = "nf4", storage_dtype: torch.dtype = torch.uint8):

@@ -1,6 +1,7 @@
 """Small nn.Module idioms used across the package, defined once."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -25,3 +26,65 @@ def matches_module(name: str, patterns) -> bool:
     """
     path = f".{name}."
     return any(f".{p.strip('.')}." in path for p in patterns)
+
+
+HALF = (torch.bfloat16, torch.float16)
+# transformers' RMSNorms compute in fp32 and accept any input dtype: left alone, they normalize the fp32 stream
+# itself (casting their input to bf16 first measurably slowed learning again)
+FP32_SAFE = ("RMSNorm",)
+
+
+def _upcast_output(module, args, out):
+    return out.float() if isinstance(out, torch.Tensor) and out.dtype in HALF else out
+
+
+def _to_param_dtype(module, args, kwargs):
+    """fp32 tensors into a half-precision module (a plain Linear, norm, router, experts) → its dtype."""
+    module._lowbit_cast = False
+    if getattr(module, "lowbit_casts_input", False):  # became a casting class after hooking (QAT's class swap)
+        return None
+    dt = module._lowbit_param_dtype
+
+    def cast(x):
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            module._lowbit_cast = True
+            return x.to(dt)
+        return x
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _back_to_fp32(module, args, kwargs, out):
+    """...and its outputs back to fp32, as the 4-bit linears return the input's dtype."""
+    if not module._lowbit_cast:
+        return None
+    if isinstance(out, tuple):
+        return tuple(o.float() if isinstance(o, torch.Tensor) and o.dtype in HALF else o for o in out)
+    return out.float() if isinstance(out, torch.Tensor) and out.dtype in HALF else out
+
+
+def keep_residual_in_fp32(model: nn.Module) -> bool:
+    """Run the residual stream of a half-precision model in fp32 without fp32 copies of its weights: the input
+    embeddings' output is upcast, and every module that owns half-precision parameters and does not cast its
+    input itself (classes with `lowbit_casts_input = True`: the 4-bit and QAT linears compute in their
+    compute_dtype and return the input's dtype; RMSNorms compute in fp32) gets its fp32 inputs cast to that
+    dtype and its outputs cast
+    back, so every block sees fp32 activations. No-op (False) for fp32 models and for models already hooked."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or emb.weight.dtype not in HALF or getattr(emb, "_lowbit_fp32_out", False):
+        return False
+    emb.register_forward_hook(_upcast_output)
+    emb._lowbit_fp32_out = True
+    for m in model.modules():
+        if m is emb or getattr(m, "lowbit_casts_input", False) or type(m).__name__.endswith(FP32_SAFE):
+            continue
+        own = [p for p in m.parameters(recurse=False) if p.is_floating_point()]
+        if own and own[0].dtype in HALF:
+            m._lowbit_param_dtype = own[0].dtype
+            m.register_forward_pre_hook(_to_param_dtype, with_kwargs=True)
+            m.register_forward_hook(_back_to_fp32, with_kwargs=True)
+    return True
+
+
+def has_fp32_residual(model: nn.Module) -> bool:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return bool(getattr(emb, "_lowbit_fp32_out", False))

@@ -64,9 +64,13 @@ class QATLinearMixin:
     Attributes (None = not quantized): lowbit_weight_fq, lowbit_input_fq, lowbit_output_fq
     (the output one is the pre-RoPE key/value quantizer on k_proj / v_proj)."""
 
+    lowbit_casts_input = True  # the quantizers see compute_dtype inputs whatever the residual stream's dtype
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fin, fw, fout = self.lowbit_input_fq, self.lowbit_weight_fq, self.lowbit_output_fq
         rot = getattr(self, "lowbit_rotation", None)  # online input rotation: y = (W Rᵀ)(R x), see rotate.py
+        cd, x_dtype = compute_dtype(self), x.dtype
+        x = x.to(cd)
         if rot is not None:
             x = rot(x)
         if fin is not None:
@@ -74,12 +78,11 @@ class QATLinearMixin:
         if rot is None and (fw is None or not fw.active):
             y = super().forward(x, *args, **kwargs)
         else:
-            cd = compute_dtype(self)
             w = effective_weight(self) if rot is None else rot.layer_weight(self)
             w = fw(w, out_dtype=cd) if fw is not None else w.to(cd)
             bias = base_linear(self).bias
-            y = F.linear(x.to(cd), w, None if bias is None else bias.to(cd)).to(x.dtype)
-        return fout(y) if fout is not None else y
+            y = F.linear(x, w, None if bias is None else bias.to(cd))
+        return (fout(y) if fout is not None else y).to(x_dtype)
 
 
 @functools.cache

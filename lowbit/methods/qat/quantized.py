@@ -45,14 +45,17 @@ class QuantizedLinear(nn.Module):
         w = dequantize_rows(q, self.scale, self.zero).reshape(self.out_features, self.in_features)
         return w.to(dtype or self.compute_dtype)
 
+    lowbit_casts_input = True  # as QATLinearMixin: the quantizers see compute_dtype inputs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd, x_dtype = self.compute_dtype, x.dtype
+        x = x.to(cd)
         if self.lowbit_rotation is not None:
             x = self.lowbit_rotation(x)
         if self.lowbit_input_fq is not None:
             x = self.lowbit_input_fq(x)
-        cd = self.compute_dtype
-        y = F.linear(x.to(cd), self.dequantize(cd), None if self.bias is None else self.bias.to(cd)).to(x.dtype)
-        return self.lowbit_output_fq(y) if self.lowbit_output_fq is not None else y
+        y = F.linear(x, self.dequantize(cd), None if self.bias is None else self.bias.to(cd))
+        return (self.lowbit_output_fq(y) if self.lowbit_output_fq is not None else y).to(x_dtype)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -16,7 +16,7 @@ from lowbit.methods.qat.linear import attach
 from lowbit.methods.qat.quantized import QuantizedLinear
 from lowbit.modules.linear4bit import Linear4bit
 from lowbit.utils.io import atomic_dir, save_safetensors
-from lowbit.utils.modules import set_module
+from lowbit.utils.modules import has_fp32_residual, keep_residual_in_fp32, set_module
 
 FORMAT, VERSION = "lowbit.methods.qat", 1
 
@@ -59,7 +59,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, overwr
         state[k] = v.detach().contiguous()
     meta = {"format": FORMAT, "version": str(VERSION), "qat_config": json.dumps(cfg.to_dict()),
             "layers": json.dumps(_layer_kinds(model)), "tied": json.dumps(tied),
-            "compute_dtype": str(model.get_input_embeddings().weight.dtype)}
+            "compute_dtype": str(model.get_input_embeddings().weight.dtype),
+            # the residual stream's dtype is part of the model's numerics: reload it as it ran
+            "fp32_residual": str(int(has_fp32_residual(model)))}
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -122,5 +124,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
     if missing or unexpected:
         raise InputError(f"{f} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    if meta.get("fp32_residual") == "1":  # as the trained model ran (load_model / prepare_for_kbit_training)
+        keep_residual_in_fp32(model)
     model.lowbit_qat_config = cfg
     return model.eval()
