@@ -66,7 +66,9 @@ def _cfg(a, out: str, *extra):
         f"data.max_eval_blocks={a.eval_blocks}", f"lora.loftq.calibration={a.data}",
         f"lora.loftq.calibration_samples={a.calib_samples}", f"lora.loftq.calibration_seq_len={a.seq}",
         "eval.before=false", "eval.after=false", "train.report_to=[jsonl]", "train.overwrite_output=true",
-        "train.save_steps=0", "train.gradient_checkpointing=false", *extra])
+        "train.save_steps=0", "train.gradient_checkpointing=false",
+        # the students' common base, pinned (the config itself carries the recommended recipe, r=64)
+        "lora.r=16", "lora.alpha=32", "distill.temperature=1.0", "distill.hidden_weight=1.0", *extra])
 
 
 def _eval_sets(a) -> dict:

@@ -60,3 +60,19 @@ def test_reloaded_adapter_scores_as_trained(tiny_model_dirs, tmp_path, one_threa
         base, _ = load_model(path, compute_dtype="bfloat16", progress=False)
         got = load_adapter(base, tmp_path / "ad")(input_ids=ids).logits
     assert torch.equal(got, want)
+
+
+def test_qat_checkpoint_reloads_with_the_residual_dtype_it_ran(tiny_model_dirs, tmp_path, one_thread):
+    import lowbit.methods.qat as qat
+    from lowbit.utils.modules import has_fp32_residual
+    path = tiny_model_dirs("gemma3")
+    model, tok = load_model(path, load_in_4bit=False, compute_dtype="bfloat16", progress=False)
+    assert has_fp32_residual(model)
+    converted = qat.convert(qat.prepare(model, "w4a8kv8-rot"))
+    ids = torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = converted(input_ids=ids).logits
+        qat.save_quantized(converted, tmp_path / "q", tok)
+        again = qat.load_quantized(tmp_path / "q")
+        assert has_fp32_residual(again)
+        assert torch.equal(again(input_ids=ids).logits, ref)
