@@ -40,15 +40,18 @@ def parity() -> dict:
             w = torch.randn(1024, 2048)
             q = quantize(w, 64, dq, qt).to("cuda")
             args = state_args(q)
-            ref = ops._dequantize_ref(*[a.cpu() if torch.is_tensor(a) else a for a in args], torch.float32)
-            got = kernels.dequantize_4bit(q, torch.float32).cpu()
+            cpu_args = [a.cpu() if torch.is_tensor(a) else a for a in args]
+            ref = ops._dequantize_ref(*cpu_args, torch.float32)
             x = torch.randn(1, 2048, device="cuda")
             gemv = kernels.matmul_4bit(x, q).cpu()
             qq = kernels.quantize_4bit(w.cuda(), 64, dq, qt)
-            out[f"{qt}{'+dq' if dq else ''}"] = {
-                "dequantize_equal": bool(torch.equal(got, ref)),
-                "gemv_max_abs_diff": (gemv - x.cpu() @ ref.t()).abs().max().item(),
-                "quantize_equal": bool(torch.equal(qq.packed.cpu().view(-1), quantize(w, 64, dq, qt).packed.view(-1)))}
+            row = {"gemv_max_abs_diff": (gemv - x.cpu() @ ref.t()).abs().max().item(),
+                   "quantize_equal": bool(torch.equal(qq.packed.cpu().view(-1), quantize(w, 64, dq, qt).packed.view(-1)))}
+            for dt in (torch.float32, torch.bfloat16, torch.float16):  # every output dtype the kernels write
+                got = kernels.dequantize_4bit(q, dt).cpu()
+                row[f"dequantize_equal_{str(dt).removeprefix('torch.')}"] = bool(
+                    torch.equal(got, ops._dequantize_ref(*cpu_args, dt)))
+            out[f"{qt}{'+dq' if dq else ''}"] = row
     return out
 
 
@@ -84,8 +87,8 @@ def main() -> int:
         print(f"| parity {k} | {v} |")
     for k, v in result["timing"].items():
         print(f"| {k} | {v:.4f} |")
-    ok = all(v["dequantize_equal"] and v["quantize_equal"] and v["gemv_max_abs_diff"] < 1e-3
-             for v in result["parity"].values())
+    ok = all(v["quantize_equal"] and v["gemv_max_abs_diff"] < 1e-3 and all(e for k, e in v.items() if
+             k.startswith("dequantize_equal")) for v in result["parity"].values())
     return 0 if ok else 1
 
 
