@@ -17,19 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import ConfigError
-from lowbit.utils.modules import unwrap_peft
+from lowbit.recipes.loss import decoder_and_head
 
 HIDDEN_LOSSES = ("mse", "cosine")
 
 
 def decoder_states(model, input_ids, attention_mask=None):
     """(final hidden states, every layer's hidden states, lm_head weight, logit softcap)."""
-    base = unwrap_peft(model)
-    out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                             output_hidden_states=True)
-    w = base.get_output_embeddings().weight
-    return (out.last_hidden_state.to(w.dtype), out.hidden_states, w,  # fp32 residual stream → the head's dtype
-            getattr(base.config, "final_logit_softcapping", None))
+    out, h, w, softcap = decoder_and_head(model, input_ids, attention_mask, output_hidden_states=True)
+    return h, out.hidden_states, w, softcap
 
 
 def layer_indices(n_states: int, layers) -> list[int]:

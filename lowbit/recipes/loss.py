@@ -146,14 +146,19 @@ class _FrozenHeadCE(torch.autograd.Function):
         return grad_h * grad_total.to(grad_h.dtype), None, None, None, None, None
 
 
-def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
-    """Final hidden states from the decoder, and the lm_head weight."""
+def decoder_and_head(model, input_ids, attention_mask=None, position_ids=None, output_hidden_states=False):
+    """(decoder output, final hidden states in the head's dtype, lm_head weight, logit softcap)."""
     base = unwrap_peft(model)
     out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)
+                             use_cache=False, output_hidden_states=output_hidden_states)
     w = base.get_output_embeddings().weight
-    # an fp32 residual stream (prepare_for_kbit_training) meets a half-precision head as in HF's forward
-    return out.last_hidden_state.to(w.dtype), w, getattr(base.config, "final_logit_softcapping", None)
+    # an fp32 residual stream (keep_residual_in_fp32) meets a half-precision head as in HF's forward
+    return out, out.last_hidden_state.to(w.dtype), w, getattr(base.config, "final_logit_softcapping", None)
+
+
+def hidden_and_head(model, input_ids, attention_mask=None, position_ids=None):
+    """Final hidden states from the decoder (in the head's dtype), the lm_head weight, the logit softcap."""
+    return decoder_and_head(model, input_ids, attention_mask, position_ids)[1:]
 
 
 def nll_sum(model, input_ids, labels, attention_mask=None, chunk_tokens: int = 256,

@@ -34,8 +34,12 @@ HALF = (torch.bfloat16, torch.float16)
 FP32_SAFE = ("RMSNorm",)
 
 
+def _fp32(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in HALF else x
+
+
 def _upcast_output(module, args, out):
-    return out.float() if isinstance(out, torch.Tensor) and out.dtype in HALF else out
+    return _fp32(out)
 
 
 def _to_param_dtype(module, args, kwargs):
@@ -57,9 +61,7 @@ def _back_to_fp32(module, args, kwargs, out):
     """...and its outputs back to fp32, as the 4-bit linears return the input's dtype."""
     if not module._lowbit_cast:
         return None
-    if isinstance(out, tuple):
-        return tuple(o.float() if isinstance(o, torch.Tensor) and o.dtype in HALF else o for o in out)
-    return out.float() if isinstance(out, torch.Tensor) and out.dtype in HALF else out
+    return tuple(_fp32(o) for o in out) if isinstance(out, tuple) else _fp32(out)
 
 
 def keep_residual_in_fp32(model: nn.Module) -> bool:
@@ -67,10 +69,10 @@ def keep_residual_in_fp32(model: nn.Module) -> bool:
     embeddings' output is upcast, and every module that owns half-precision parameters and does not cast its
     input itself (classes with `lowbit_casts_input = True`: the 4-bit and QAT linears compute in their
     compute_dtype and return the input's dtype; RMSNorms compute in fp32) gets its fp32 inputs cast to that
-    dtype and its outputs cast
-    back, so every block sees fp32 activations. No-op (False) for fp32 models and for models already hooked."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is None or emb.weight.dtype not in HALF or getattr(emb, "_lowbit_fp32_out", False):
+    dtype and its outputs cast back, so every block sees fp32 activations. No-op (False) for fp32 models and
+    for models already hooked."""
+    emb = _input_embeddings(model)
+    if emb is None or emb.weight.dtype not in HALF or has_fp32_residual(model):
         return False
     emb.register_forward_hook(_upcast_output)
     emb._lowbit_fp32_out = True
@@ -85,6 +87,10 @@ def keep_residual_in_fp32(model: nn.Module) -> bool:
     return True
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+
+
 def has_fp32_residual(model: nn.Module) -> bool:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return bool(getattr(emb, "_lowbit_fp32_out", False))
+    """Whether `keep_residual_in_fp32` hooked this model (QAT checkpoints record it)."""
+    return bool(getattr(_input_embeddings(model), "_lowbit_fp32_out", False))
