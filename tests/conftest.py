@@ -51,3 +51,23 @@ def cpu_isas():
     from lowbit.kernels.cpu import build
     assert build.load(), "the C++ CPU backend failed to build on this machine"
     return build.supported_isas()
+
+
+@pytest.fixture(scope="module")
+def tiny_generated(tiny_model_dirs, tmp_path_factory):
+    """(model dir, `lowbit generate` output) of the tiny llama: 16 sequences of up to 24 tokens in shards of 8,
+    written once per module for each set of extra generate overrides (e.g. top-k logits, EOS stopping)."""
+    from lowbit.methods.data_gen.config import load_generate_config
+    from lowbit.methods.data_gen.runner import run as generate
+    cache = {}
+
+    def get(*extra):
+        if extra not in cache:
+            d = tiny_model_dirs("llama")
+            out = tmp_path_factory.mktemp("gen") / "data"
+            generate(load_generate_config(None, [
+                f"teacher.path={d}", f"output.dir={out}", "teacher.dtype=float32", "generate.num_sequences=16",
+                "generate.batch_size=8", "generate.max_len=24", "output.shard_size=8", *extra]))
+            cache[extra] = (d, out)
+        return cache[extra]
+    return get

@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import ConfigError, InputError
-from lowbit.methods.data_gen.config import load_generate_config
-from lowbit.methods.data_gen.runner import run as generate
 from lowbit.methods.loftq.calibration import TokenSequences, calibration_batches
 from lowbit.recipes.config import load_config
 from lowbit.recipes.distill import distill_loss, kd_loss
@@ -18,13 +16,8 @@ TINY = "configs/tiny/llama-qlora.yaml"
 
 
 @pytest.fixture(scope="module")
-def generated(tiny_model_dirs, tmp_path_factory):
-    d = tiny_model_dirs("llama")
-    out = tmp_path_factory.mktemp("gen") / "data"
-    generate(load_generate_config(None, [f"teacher.path={d}", f"output.dir={out}", "teacher.dtype=float32",
-                                         "generate.num_sequences=16", "generate.batch_size=8", "generate.max_len=24",
-                                         "generate.stop_at_eos=false", "output.shard_size=8", "output.topk_logits=0"]))
-    return d, out
+def generated(tiny_generated):
+    return tiny_generated("generate.stop_at_eos=false", "output.topk_logits=0")
 
 
 def _states(n_layers=3, b=2, L=5, h=6, seed=0):

@@ -4,8 +4,6 @@ import json
 import pytest
 
 from lowbit.errors import ConfigError
-from lowbit.methods.data_gen.config import load_generate_config
-from lowbit.methods.data_gen.runner import run as generate
 from lowbit.recipes import run
 from lowbit.recipes.config import load_config
 
@@ -13,13 +11,8 @@ TINY = "configs/tiny/llama-qlora.yaml"
 
 
 @pytest.fixture(scope="module")
-def generated(tiny_model_dirs, tmp_path_factory):
-    d = tiny_model_dirs("llama")
-    out = tmp_path_factory.mktemp("gen") / "data"
-    generate(load_generate_config(None, [f"teacher.path={d}", f"output.dir={out}", "teacher.dtype=float32",
-                                         "generate.num_sequences=16", "generate.batch_size=8", "generate.max_len=24",
-                                         "output.shard_size=8", "output.topk_logits=8"]))
-    return d, out
+def generated(tiny_generated):
+    return tiny_generated("output.topk_logits=8")
 
 
 def _cfg(d, data, out, *extra):

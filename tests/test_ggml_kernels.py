@@ -107,15 +107,10 @@ def _run(code, isa=None, kernels=None, timeout=240):  # code None: this file's w
     return run_python(__file__, code, isa, kernels, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def supported(cpu_isas):
-    return cpu_isas
-
-
 @pytest.mark.parametrize("isa", ISAS)
-def test_isa_path_matches_llama_cpp(isa, supported):
-    if isa not in supported:
-        pytest.skip(f"this CPU has no {isa} (supports {supported})")
+def test_isa_path_matches_llama_cpp(isa, cpu_isas):
+    if isa not in cpu_isas:
+        pytest.skip(f"this CPU has no {isa} (supports {cpu_isas})")
     r = json.loads(_run(None, isa).stdout.strip().splitlines()[-1])
     if "skip" in r:
         pytest.skip(f"llama.cpp reference quantizer unavailable: {r['skip']}")
@@ -125,7 +120,7 @@ def test_isa_path_matches_llama_cpp(isa, supported):
 
 
 @pytest.mark.parametrize("qtype", LEGACY + KQUANTS)
-def test_matches_torch_reference(qtype, supported):
+def test_matches_torch_reference(qtype, cpu_isas):
     """Same bytes as lowbit.format.ggml_quants.quantize (the torch reference), input dtypes and imatrix included."""
     from lowbit.format import ggml_quants as gq
     from lowbit.kernels.ggml import quantize_ggml
@@ -137,7 +132,7 @@ def test_matches_torch_reference(qtype, supported):
             assert torch.equal(quantize_ggml(x.to(dtype), qtype, q), gq.quantize(x.to(dtype), qtype, q)), (dtype, q)
 
 
-def test_bad_input_is_one_clear_error(supported):
+def test_bad_input_is_one_clear_error(cpu_isas):
     from lowbit.kernels.ggml import quantize_ggml
     x = torch.randn(4, 512)
     for qtype in LEGACY + KQUANTS:

@@ -114,36 +114,31 @@ def _run(code, isa=None, timeout=240):  # code None: this file's worker
     return run_python(__file__, code, isa, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def supported(cpu_isas):
-    return cpu_isas
-
-
 @pytest.mark.parametrize("isa", ISAS)
-def test_isa_path_matches_reference(isa, supported):
-    if isa not in supported:
-        pytest.skip(f"this CPU has no {isa} (supports {supported})")
+def test_isa_path_matches_reference(isa, cpu_isas):
+    if isa not in cpu_isas:
+        pytest.skip(f"this CPU has no {isa} (supports {cpu_isas})")
     r = json.loads(_run(None, isa).stdout.strip().splitlines()[-1])
     assert r["isa"] == isa, r
     assert not r["failures"], f"{len(r['failures'])} mismatches on {isa}, e.g.:\n" + "\n".join(r["failures"][:20])
     assert r["checked"] > 1000
 
 
-def test_isa_default_is_best_and_choice_is_read_once(supported):
+def test_isa_default_is_best_and_choice_is_read_once(cpu_isas):
     code = ("import os, torch; from lowbit.kernels.cpu import build; from lowbit import kernels;"
             "kernels.ensure_backends(); a = build.active_isa(); os.environ['LOWBIT_CPU_ISA'] = 'scalar';"
             "print(a, build.active_isa(), torch.ops.lowbit_cpu.isa())")
-    best = supported[0]
+    best = cpu_isas[0]
     assert _run(code).stdout.split()[-3:] == [best, best, best]
     if "scalar" != best:  # a lower level is honoured
         assert _run(code, "scalar").stdout.split()[-3:] == ["scalar"] * 3
 
 
-def test_isa_unknown_value_warns_and_uses_best(supported):
+def test_isa_unknown_value_warns_and_uses_best(cpu_isas):
     code = ("import torch, warnings; warnings.simplefilter('always'); from lowbit.kernels.cpu import build;"
             "print(build.active_isa())")
     p = _run(code, "sse9")
-    assert p.stdout.split()[-1] == supported[0]
+    assert p.stdout.split()[-1] == cpu_isas[0]
     assert "LOWBIT_CPU_ISA=sse9" in p.stderr
 
 
