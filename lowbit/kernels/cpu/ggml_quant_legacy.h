@@ -24,19 +24,25 @@ static inline vi roundf_i32(vf v) {
   return __builtin_convertvector(r, vi);
 }
 
+// One 32-value block into v[0..NV) and its largest magnitude (the legacy types' amax).
+static inline float load_block_amax(const float* x, vf* v) {
+  vf m = {};
+  for (int k = 0; k < NV; ++k) {
+    v[k] = loadv(x + k * W);
+    const vf a = vabs(v[k]);
+    m = m > a ? m : a;
+  }
+  return hmax(m);
+}
+
 static bool chunk_q8_0(const Job& j, int64_t u0, int nb) {
   float xb[CH_L * 32];
   const bool bad = load_f32(j, u0 * 32, int64_t(nb) * 32, xb);
   for (int b = 0; b < nb; ++b) {
     const float* x = xb + 32 * b;
     uint8_t* y = j.out + (u0 + b) * 34;
-    vf v[NV], m = {};
-    for (int k = 0; k < NV; ++k) {
-      v[k] = loadv(x + k * W);
-      const vf a = vabs(v[k]);
-      m = m > a ? m : a;
-    }
-    const float amax = hmax(m);
+    vf v[NV];
+    const float amax = load_block_amax(x, v);
     const float d = amax / ((1 << 7) - 1);
     const float id = d ? 1.0f / d : 0.0f;
     put16(y, f32_to_f16(d));
@@ -74,13 +80,8 @@ static bool chunk_q45_0(const Job& j, int64_t u0, int nb) {
     for (int b = 0; b < nb; ++b) {
       const float* x = xb + 32 * b;
       uint8_t* y = j.out + (u0 + b) * bytes;
-      vf v[NV], m = {};
-      for (int k = 0; k < NV; ++k) {
-        v[k] = loadv(x + k * W);
-        const vf a = vabs(v[k]);
-        m = m > a ? m : a;
-      }
-      const float amax = hmax(m);
+      vf v[NV];
+      const float amax = load_block_amax(x, v);
       float max = 0.0f;  // the first value of largest magnitude (the C loop's strict '<')
       if (amax > 0) {
         uint32_t at = 0;
